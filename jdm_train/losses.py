@@ -1,0 +1,357 @@
+"""The JDM objective (arXiv 2503.06652, Sec. 3), its f-divergence weighting (f-distill,
+arXiv 2502.15681) and the paper's baselines, as pure functions.
+
+Everything takes tensors and denoiser callables `x0 = denoise(x_t, t, cond)` (teacher / real
+score, fake score, consistency model, guidance teacher, student) and returns `(loss, logs)`,
+`logs` being a dict of detached 0-dim tensors. No model classes, no accelerate.
+
+Units (ALGORITHM.md step 8). Eq. 5 is a sum of *score-space* terms at x_t, mapped to the
+student output x by the chain rule `d x_t / d x = alpha_t`:
+
+    g = lambda_t alpha_t [ grad_{x_t} log p(c|x_t) + (w - 1) alpha_t (x0_B(c) - x0_B(empty)) / sigma_t^2
+                           + h_f(r) (s_phi - s_psi) + grad_{x_t} r(x_t) ]
+
+with `s_phi - s_psi = alpha_t (x0_real - x0_fake) / sigma_t^2`. `g` is the direction in x that
+*decreases* the bound (Eq. 4/10); it is applied through `surrogate_loss`, whose gradient with
+respect to x is -g. The one place that sets the weighting is `term_scale`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jdm_train.guidance import cfg_term
+from jdm_train.schedule import NoiseSchedule
+
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+LogLikelihood = Callable[[Tensor], Tensor]
+
+DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
+WEIGHTINGS = ("dmd", "sigma2", "none")
+DEFAULT_T_MIN, DEFAULT_T_MAX = 20, 980
+
+
+def _logs(**values: Tensor | float) -> dict[str, Tensor]:
+    return {k: torch.as_tensor(v).detach().float().mean() for k, v in values.items()}
+
+
+def _upcast(v: Tensor) -> Tensor:
+    # Losses of half-precision models are reduced in float32; float64 (tests) stays float64.
+    return v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _mean_abs(v: Tensor) -> Tensor:
+    return v.abs().flatten(1).mean(1)
+
+
+def sample_timesteps(
+    batch: int, t_min: int = DEFAULT_T_MIN, t_max: int = DEFAULT_T_MAX, device=None, generator: torch.Generator | None = None
+) -> Tensor:
+    """`t ~ U{t_min..t_max}` (B,) long: the generator and fake-score timesteps (ALGORITHM step 2, ours 20..980)."""
+    if not 0 <= t_min <= t_max <= 999:
+        raise ValueError(f"expected 0 <= t_min <= t_max <= 999, got t_min={t_min}, t_max={t_max}")
+    return torch.randint(t_min, t_max + 1, (batch,), device=device, generator=generator)
+
+
+# --------------------------------------------------------------------------- weighting
+
+
+def term_scale(x: Tensor, x0_real: Tensor, t: Tensor, schedule: NoiseSchedule, weighting: str = "dmd") -> Tensor:
+    """`lambda_t alpha_t` per sample, (B, 1, ...): the factor that maps every score-space term of
+    Eq. 5 at x_t to a direction on x. The only place where the weighting of the objective is set.
+
+    - `"none"`: lambda_t = 1, Eq. 5 literally (fidelity becomes `alpha^2/sigma^2 (x0_real - x0_fake)`).
+    - `"sigma2"`: lambda_t = sigma_t^2 / alpha_t^2, so the fidelity term is `x0_real - x0_fake`.
+    - `"dmd"` (ours, as DMD; deviation from Eq. 5 because lambda then depends on the sample, not
+      only on t): lambda = sigma_t^2 / (alpha_t^2 mean|x - x0_real|), so the fidelity term is DMD's
+      `(x0_real - x0_fake) / mean|x - x0_real|` (ALGORITHM step 3). All terms share it, which keeps
+      their relative scale as Eq. 5 states.
+    """
+    alpha, sigma = schedule.alpha_sigma(t, x)
+    if weighting == "none":
+        return alpha
+    if weighting == "sigma2":
+        return sigma**2 / alpha
+    if weighting == "dmd":
+        norm = _mean_abs(x.detach() - x0_real).clamp_min(1e-6)
+        return sigma**2 / (alpha * _per_sample(norm, x))
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def score_difference(x0_a: Tensor, x0_b: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """`s_a(x_t) - s_b(x_t) = alpha_t (x0_a - x0_b) / sigma_t^2` for two denoisers at the same x_t (JDM Eq. 1, 5)."""
+    alpha, sigma = schedule.alpha_sigma(t, x0_a)
+    return alpha * (x0_a - x0_b) / sigma**2
+
+
+def fidelity_direction(
+    x: Tensor, x_t: Tensor, t: Tensor, x0_real: Tensor, x0_fake: Tensor, schedule: NoiseSchedule, weighting: str = "dmd"
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fidelity learning of Eq. 5, `lambda_t alpha_t (s_phi - s_psi)(x_t)`, as a direction on x (B, ...).
+
+    x: student output (B, ...), x_t = alpha_t x + sigma_t eps, x0_real / x0_fake: the teacher's and
+    the fake score's x0 predictions at (x_t, t). With `weighting="dmd"` it equals
+    `(x0_real - x0_fake) / mean|x - x0_real|` per sample (ALGORITHM step 3). Detached.
+    """
+    del x_t  # both x0 predictions are taken at x_t already; kept for a uniform signature
+    x0_real, x0_fake = x0_real.detach(), x0_fake.detach()
+    g = term_scale(x, x0_real, t, schedule, weighting) * score_difference(x0_real, x0_fake, t, schedule)
+    return g, _logs(fidelity_norm=g.flatten(1).norm(dim=1), real_fake_gap=_mean_abs(x0_real - x0_fake))
+
+
+# --------------------------------------------------------------------------- f-divergences
+
+
+def _log_f_weight(logits: Tensor, divergence: str) -> Tensor:
+    # log h_f(r) with r = exp(logit), in log space so forward-KL's r cannot overflow.
+    if divergence == "rkl":
+        return torch.zeros_like(logits)
+    if divergence == "srkl":
+        return -F.softplus(logits)  # 1 / (r + 1)
+    if divergence == "js":
+        return -F.softplus(-logits)  # r / (r + 1)
+    if divergence == "hellinger":
+        return 0.5 * logits - torch.log(torch.tensor(2.0, dtype=logits.dtype))  # sqrt(r) / 2
+    if divergence == "fkl":
+        return logits  # r
+    if divergence == "jeffreys":
+        return F.softplus(logits)  # r + 1
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def f_divergence_weight(logits: Tensor, divergence: str = "rkl", normalize: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """f-distill's weight `h_f(r) = f''(r) r^2` of the score difference, r = p_phi / p_theta = exp(logit).
+
+    logits: (B,) discriminator logits at (x_t, t) (real = teacher data, fake = student). Weights:
+    reverse-KL 1 (plain JDM), softened reverse-KL 1/(r+1), Jensen-Shannon r/(r+1), squared
+    Hellinger sqrt(r)/2, forward-KL r, Jeffreys r+1. With `normalize` they are divided by their
+    batch mean (ALGORITHM step 4). Returns detached (B,) weights.
+    """
+    if logits.ndim != 1:
+        raise ValueError(f"logits must be (B,), got shape {tuple(logits.shape)}")
+    log_h = _log_f_weight(logits.detach().float(), divergence)
+    if normalize:
+        w = log_h.shape[0] * torch.softmax(log_h, dim=0)
+    else:
+        w = log_h.exp()
+    w = w.to(logits.dtype)
+    return w, _logs(f_weight_max=w.max(), f_weight_min=w.min(), disc_logit=logits)
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Non-saturating GAN loss of the density-ratio discriminator (f-distill): real = noised data,
+    fake = noised student samples, both (B,). At the optimum `logit = log p_phi(x_t) / p_theta(x_t)`."""
+    loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    acc = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
+    return loss, _logs(disc_loss=loss, disc_accuracy=acc)
+
+
+# --------------------------------------------------------------------------- condition terms
+
+
+def condition_gradient(
+    x_t: Tensor,
+    t: Tensor,
+    consistency_denoise: Denoiser,
+    log_likelihood: LogLikelihood,
+    cond: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`g_c = grad_{x_t} log p(c | x_t)` with `log p(c|x_t) ~= log_likelihood(decode(f(x_t, t)))` (JDM Eq. 5, 7).
+
+    f is the consistency model (fake score + consistency LoRA, Eq. 8), one sample of p(x | x_t);
+    `log_likelihood` maps the decoded image to (B,) log-likelihoods of the wanted condition
+    (it closes over c). Also the reward term of Eq. 9 when `log_likelihood` is a reward.
+    Only x_t is differentiated: no gradient reaches the models' parameters. Returns (B, ...) detached.
+    """
+    leaf = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        x_hat = consistency_denoise(leaf, t, cond)
+        image = decode(x_hat) if decode is not None else x_hat
+        ll = log_likelihood(image)
+        if ll.ndim != 1 or ll.shape[0] != x_t.shape[0]:
+            raise ValueError(f"log_likelihood must return (B,) = ({x_t.shape[0]},), got shape {tuple(ll.shape)}")
+        (grad,) = torch.autograd.grad(ll.sum(), leaf)
+    return grad.detach(), _logs(log_likelihood=ll, condition_grad_norm=grad.flatten(1).norm(dim=1))
+
+
+def cfg_direction(
+    x_t: Tensor, t: Tensor, guidance_denoise: Denoiser, cond: Any, uncond: Any, scale: float, schedule: NoiseSchedule
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Decoupled CFG as a condition term in score space (JDM Sec. 3.1, ALGORITHM step 6):
+    `alpha_t (w - 1) (x0_B(x_t, c) - x0_B(x_t, empty)) / sigma_t^2`, B being the guidance teacher."""
+    with torch.no_grad():
+        term = cfg_term(guidance_denoise(x_t, t, cond), guidance_denoise(x_t, t, uncond), scale)
+    alpha, sigma = schedule.alpha_sigma(t, x_t)
+    return alpha * term / sigma**2, _logs(cfg_x0_norm=_mean_abs(term))
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def surrogate_loss(x: Tensor, g: Tensor, reduction: str = "mean") -> Tensor:
+    """`0.5 || x - sg(x + g) ||^2` (ALGORITHM step 8): d loss / dx = -g per sample.
+
+    reduction "sum": the gradient is exactly -g; "mean" (over the batch, summed within a sample):
+    -g / B, the Monte-Carlo mean of Eq. 5.
+    """
+    if x.shape != g.shape:
+        raise ValueError(f"x and g must have the same shape, got {tuple(x.shape)} and {tuple(g.shape)}")
+    per_sample = 0.5 * (x - (x + g).detach()).pow(2).flatten(1).sum(1)
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def generator_direction(
+    x: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    schedule: NoiseSchedule,
+    real_denoise: Denoiser,
+    fake_denoise: Denoiser | None,
+    cond: Any = None,
+    *,
+    consistency_denoise: Denoiser | None = None,
+    log_likelihood: LogLikelihood | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    guidance_denoise: Denoiser | None = None,
+    guidance_cond: Any = None,
+    guidance_uncond: Any = None,
+    cfg_scale: float = 1.0,
+    reward: LogLikelihood | None = None,
+    discriminator: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
+    divergence: str = "rkl",
+    weighting: str = "dmd",
+    fidelity_weight: float = 1.0,
+    condition_weight: float = 1.0,
+    reward_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The summed JDM direction g on the student output x (B, ...) of one generator step
+    (JDM Eq. 5 / 9 / 10 with f-distill weighting; ALGORITHM steps 2-8). Detached.
+
+    x_t = alpha_t sg(x) + sigma_t eps at timesteps t (B,). Terms, all at the same (x_t, t):
+    fidelity `h_f(r) (s_phi - s_psi)` from `real_denoise`/`fake_denoise` (cond = text) with r from
+    `discriminator(x_t, t, cond) -> (B,)` logits (required unless divergence="rkl"); condition
+    `grad log p(c|x_t)` through `consistency_denoise` and `log_likelihood(decode(x_hat))` (skipped
+    when `log_likelihood` is None: that is implicit VSD); decoupled CFG from `guidance_denoise`
+    with `guidance_cond`/`guidance_uncond` at `cfg_scale` (skipped at scale 1); reward (Eq. 9)
+    through the consistency model. `fake_denoise=None` drops fidelity (pure condition/reward).
+    `fidelity_weight`, `condition_weight`, `reward_weight` multiply the terms; 1 keeps Eq. 5's scale.
+    """
+    if divergence != "rkl" and discriminator is None and fake_denoise is not None:
+        raise ValueError(f"divergence={divergence!r} needs a discriminator for the density ratio; use 'rkl' or pass discriminator")
+    if (log_likelihood is not None or reward is not None) and consistency_denoise is None:
+        raise ValueError("the condition and reward terms need consistency_denoise (the fake score + consistency LoRA, Eq. 8)")
+    if cfg_scale != 1.0 and guidance_denoise is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs guidance_denoise (the guidance teacher)")
+    x_t = schedule.add_noise(x.detach(), eps, t)
+    logs: dict[str, Tensor] = {}
+    with torch.no_grad():
+        x0_real = real_denoise(x_t, t, cond)
+    score = torch.zeros_like(x_t)
+    if fake_denoise is not None and fidelity_weight != 0.0:
+        with torch.no_grad():
+            x0_fake = fake_denoise(x_t, t, cond)
+        fid = score_difference(x0_real, x0_fake, t, schedule)
+        if divergence != "rkl":
+            with torch.no_grad():
+                logits = discriminator(x_t, t, cond).reshape(-1)
+            h, flogs = f_divergence_weight(logits, divergence)
+            logs.update(flogs)
+            fid = _per_sample(h, fid) * fid
+        score = score + fidelity_weight * fid
+        logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
+    if log_likelihood is not None and condition_weight != 0.0:
+        g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
+        score = score + condition_weight * g_c
+        logs.update(clogs)
+    if cfg_scale != 1.0:
+        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule)
+        score = score + g_cfg
+        logs.update(glogs)
+    if reward is not None and reward_weight != 0.0:
+        g_r, rlogs = condition_gradient(x_t, t, consistency_denoise, reward, cond, decode)
+        score = score + reward_weight * g_r
+        logs.update({"reward": rlogs["log_likelihood"], "reward_grad_norm": rlogs["condition_grad_norm"]})
+    g = term_scale(x, x0_real, t, schedule, weighting) * score
+    logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1)))
+    return g.detach(), logs
+
+
+def generator_loss(x: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule, real_denoise: Denoiser,
+                   fake_denoise: Denoiser | None, cond: Any = None, *, reduction: str = "mean",
+                   **terms: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """The JDM generator loss (Eq. 10): `surrogate_loss(x, generator_direction(...))`, so that
+    back-propagating it moves x along g. Keyword arguments are those of `generator_direction`.
+    Implicit VSD is this with `log_likelihood=None` (fidelity only)."""
+    g, logs = generator_direction(x, t, eps, schedule, real_denoise, fake_denoise, cond, **terms)
+    loss = surrogate_loss(x, g, reduction)
+    logs["generator_loss"] = loss.detach()
+    return loss, logs
+
+
+def implicit_vsd_loss(x: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule, real_denoise: Denoiser,
+                      fake_denoise: Denoiser, cond: Any = None, **terms: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Baseline "implicit VSD" (JDM Sec. 3.2, Table 2): the ControlNet sits in the student but the
+    loss is the fidelity term only, no condition term, so nothing asks the student to obey c."""
+    for key in ("log_likelihood", "reward"):
+        if terms.get(key) is not None:
+            raise ValueError(f"implicit VSD has no condition term; got {key}")
+    return generator_loss(x, t, eps, schedule, real_denoise, fake_denoise, cond, **terms)
+
+
+# --------------------------------------------------------------------------- auxiliary models
+
+
+def fake_score_loss(
+    fake_denoise: Denoiser, x: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule, cond: Any = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fake-score denoising loss `|| eps_psi(x_t, t) - eps ||^2` on sg(x) (JDM Eq. 6), mean over elements."""
+    x_t = schedule.add_noise(x.detach(), eps, t)
+    eps_hat = schedule.eps_from_x0(x_t, fake_denoise(x_t, t, cond), t)
+    loss = F.mse_loss(_upcast(eps_hat), _upcast(eps))
+    return loss, _logs(fake_score_loss=loss)
+
+
+def consistency_loss(
+    consistency_denoise: Denoiser,
+    x: Tensor,
+    eps: Tensor,
+    t: Tensor,
+    t_prev: Tensor,
+    schedule: NoiseSchedule,
+    cond: Any = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Consistency training of the LoRA (JDM Eq. 8): `|| f(x_{t_k}, t_k) - sg f(x_{t_{k-1}}, t_{k-1}) ||^2`,
+    both points from the same sg(x) (B, ...) and eps, `t = t_k > t_prev = t_{k-1}` (B,). Mean over elements."""
+    if not bool((t > t_prev).all()):
+        raise ValueError("consistency_loss needs t > t_prev for every sample (t_k > t_{k-1}, Eq. 8)")
+    x = x.detach()
+    with torch.no_grad():
+        target = consistency_denoise(schedule.add_noise(x, eps, t_prev), t_prev, cond)
+    pred = consistency_denoise(schedule.add_noise(x, eps, t), t, cond)
+    loss = F.mse_loss(_upcast(pred), _upcast(target))
+    return loss, _logs(consistency_loss=loss)
+
+
+def dsm_controlnet_loss(
+    student_denoise: Denoiser, x_data: Tensor, eps: Tensor, schedule: NoiseSchedule, cond: Any = None, t_g: int = 999
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Baseline "DSM ControlNet" (JDM Sec. 3.2, Table 2): `|| G(x_T, c) - x_data ||^2` on data pairs,
+    x_T = alpha_T x_data + sigma_T eps at the generator timestep. Its optimum is E[x | x_T, c]:
+    it keeps the control but averages modes (blurry)."""
+    t = torch.full((x_data.shape[0],), int(t_g), device=x_data.device, dtype=torch.long)
+    pred = student_denoise(schedule.add_noise(x_data, eps, t), t, cond)
+    loss = F.mse_loss(_upcast(pred), _upcast(x_data))
+    return loss, _logs(dsm_loss=loss)

@@ -1,0 +1,299 @@
+"""Unit identities of the JDM objective against analytic references (Gaussians have closed-form scores)."""
+
+import math
+
+import pytest
+import torch
+
+from jdm_train import losses
+from jdm_train.guidance import cfg
+from jdm_train.schedule import NoiseSchedule
+
+S = NoiseSchedule()
+
+
+def gaussian_denoiser(mu: torch.Tensor, std: float):
+    """Exact x0 = E[x | x_t] for data N(mu, std^2 I), written out from Bayes' rule."""
+
+    def denoise(x_t, t, cond=None):
+        abar = S.alphas_cumprod[t].to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+        a, var_n = abar.sqrt(), 1 - abar
+        return mu + a * std**2 / (abar * std**2 + var_n) * (x_t - a * mu)
+
+    return denoise
+
+
+def gaussian_score(mu, std, x_t, t):
+    abar = S.alphas_cumprod[t].to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return -(x_t - abar.sqrt() * mu) / (abar * std**2 + 1 - abar)
+
+
+def _batch(seed=0, b=6, shape=(2, 3, 3)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    eps = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    t = torch.randint(20, 981, (b,), generator=g)
+    return x, eps, t
+
+
+@pytest.mark.parametrize("weighting", losses.WEIGHTINGS)
+def test_equal_real_and_fake_give_zero_fidelity_direction(weighting):
+    x, eps, t = _batch()
+    den = gaussian_denoiser(torch.full((2, 3, 3), 0.3, dtype=torch.float64), 0.7)
+    g, _ = losses.generator_direction(x, t, eps, S, den, den, weighting=weighting)
+    assert torch.count_nonzero(g) == 0
+    x_req = x.clone().requires_grad_(True)
+    loss, _ = losses.generator_loss(x_req, t, eps, S, den, den, weighting=weighting)
+    loss.backward()
+    assert torch.count_nonzero(x_req.grad) == 0
+
+
+def test_fidelity_direction_is_alpha_times_analytic_score_difference_and_points_at_real_mean():
+    x, eps, t = _batch(1)
+    mu_r = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1).expand(1, 3, 3, 3)[:, :2]
+    mu_f = torch.zeros_like(mu_r)
+    x_t = S.add_noise(x, eps, t)
+    real, fake = gaussian_denoiser(mu_r, 1.0), gaussian_denoiser(mu_f, 1.0)
+    g, _ = losses.fidelity_direction(x, x_t, t, real(x_t, t), fake(x_t, t), S, weighting="none")
+    alpha, _ = S.alpha_sigma(t, x)
+    expected = alpha * (gaussian_score(mu_r, 1.0, x_t, t) - gaussian_score(mu_f, 1.0, x_t, t))
+    torch.testing.assert_close(g, expected)
+    # Unit-variance Gaussians: s_real - s_fake = alpha (mu_r - mu_f) at every x_t, so g is exactly
+    # alpha^2 (mu_r - mu_f): it moves the fake samples towards the real mean (decreasing the KL).
+    torch.testing.assert_close(g, alpha**2 * (mu_r - mu_f).expand_as(g))
+    cos = torch.nn.functional.cosine_similarity(g.flatten(1), (mu_r - mu_f).flatten(1).expand(g.shape[0], -1))
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+
+
+def test_weightings_match_their_closed_forms():
+    x, eps, t = _batch(2)
+    x_t = S.add_noise(x, eps, t)
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    x0_r, x0_f = real(x_t, t), fake(x_t, t)
+    dmd, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="dmd")
+    norm = (x - x0_r).abs().mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(dmd, (x0_r - x0_f) / norm)  # DMD's normalised gradient, ALGORITHM step 3
+    sig2, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="sigma2")
+    torch.testing.assert_close(sig2, x0_r - x0_f)
+    with pytest.raises(ValueError, match="weighting"):
+        losses.term_scale(x, x0_r, t, S, "snr")
+
+
+F_FORMULAS = {
+    "rkl": lambda r: torch.ones_like(r),
+    "srkl": lambda r: 1 / (r + 1),
+    "js": lambda r: r / (r + 1),
+    "hellinger": lambda r: r.sqrt() / 2,
+    "fkl": lambda r: r,
+    "jeffreys": lambda r: r + 1,
+}
+
+
+@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+def test_f_weights_match_their_formulas_and_normalise_to_mean_one(divergence):
+    logits = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    r = logits.exp()
+    raw, _ = losses.f_divergence_weight(logits, divergence, normalize=False)
+    torch.testing.assert_close(raw, F_FORMULAS[divergence](r), rtol=1e-6, atol=1e-9)
+    # Independent check of h_f(r) = f''(r) r^2 with f'' by finite differences of the generator f.
+    f = {
+        "rkl": lambda r: -torch.log(r),
+        "srkl": lambda r: (r + 1) * torch.log(0.5 + 0.5 / r),
+        "js": lambda r: r * torch.log(r) - (r + 1) * torch.log((r + 1) / 2),
+        "hellinger": lambda r: (r.sqrt() - 1) ** 2,
+        "fkl": lambda r: r * torch.log(r),
+        "jeffreys": lambda r: (r - 1) * torch.log(r),
+    }[divergence]
+    h = 1e-4 * r
+    f2 = (f(r + h) - 2 * f(r) + f(r - h)) / h**2
+    torch.testing.assert_close(raw, f2 * r**2, rtol=1e-4, atol=1e-6)
+    w, _ = losses.f_divergence_weight(logits, divergence)
+    torch.testing.assert_close(w, raw / raw.mean())
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_forward_kl_weight_is_finite_for_huge_logits():
+    w, _ = losses.f_divergence_weight(torch.tensor([1000.0, 0.0, -1000.0]), "fkl")
+    torch.testing.assert_close(w, torch.tensor([3.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+def test_f_weighting_reduces_to_plain_gradient_when_ratio_is_constant(divergence):
+    x, eps, t = _batch(3)
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    plain, _ = losses.generator_direction(x, t, eps, S, real, fake)
+    disc = lambda x_t, t, c: torch.full((x_t.shape[0],), 0.7, dtype=x_t.dtype)  # noqa: E731
+    weighted, _ = losses.generator_direction(x, t, eps, S, real, fake, discriminator=disc, divergence=divergence)
+    torch.testing.assert_close(weighted, plain)
+    x_t = S.add_noise(x, eps, t)
+    torch.testing.assert_close(plain, losses.fidelity_direction(x, x_t, t, real(x_t, t), fake(x_t, t), S)[0])
+
+
+def test_f_weights_multiply_each_sample_of_the_fidelity_term():
+    x, eps, t = _batch(4)
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    logits = torch.linspace(-2, 2, x.shape[0], dtype=torch.float64)
+    plain, _ = losses.generator_direction(x, t, eps, S, real, fake)
+    js, _ = losses.generator_direction(x, t, eps, S, real, fake, discriminator=lambda *_: logits, divergence="js")
+    w = torch.sigmoid(logits) / torch.sigmoid(logits).mean()
+    torch.testing.assert_close(js, w.reshape(-1, 1, 1, 1) * plain)
+    with pytest.raises(ValueError, match="discriminator"):
+        losses.generator_direction(x, t, eps, S, real, fake, divergence="js")
+
+
+def test_discriminator_loss_is_minimised_by_the_log_density_ratio():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(200_000, generator=g, dtype=torch.float64) + 1.0, torch.randn(200_000, generator=g, dtype=torch.float64)
+    log_ratio = lambda v: v - 0.5  # log N(v; 1, 1) - log N(v; 0, 1)  # noqa: E731
+    values = [losses.discriminator_loss(log_ratio(real) + c, log_ratio(fake) + c)[0].item() for c in (-0.3, 0.0, 0.3)]
+    assert values[1] < values[0] and values[1] < values[2]
+    slopes = [losses.discriminator_loss(s * log_ratio(real), s * log_ratio(fake))[0].item() for s in (0.8, 1.0, 1.2)]
+    assert slopes[1] < slopes[0] and slopes[1] < slopes[2]
+
+
+def _small_consistency_model():
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+    def f(x_t, t, cond=None):
+        tt = (t.to(x_t) / 1000).reshape(-1, 1)
+        return x_t + 0.3 * torch.tanh(x_t @ w1 * (1 + tt)) @ w2
+
+    return f
+
+
+def test_condition_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(6)
+    x_t = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([100, 500, 900])
+    f = _small_consistency_model()
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    c = torch.tensor([0, 2, 1])
+    decode = lambda v: torch.tanh(v) * 2  # noqa: E731
+    log_lik = lambda img: torch.log_softmax(img @ a, dim=1).gather(1, c[:, None]).squeeze(1)  # noqa: E731
+    grad, logs = losses.condition_gradient(x_t, t, f, log_lik, decode=decode)
+    assert not grad.requires_grad
+    fd = torch.zeros_like(x_t)
+    h = 1e-6
+    for i in range(x_t.shape[1]):
+        e = torch.zeros_like(x_t)
+        e[:, i] = h
+        fd[:, i] = (log_lik(decode(f(x_t + e, t))) - log_lik(decode(f(x_t - e, t)))) / (2 * h)
+    torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(logs["log_likelihood"], log_lik(decode(f(x_t, t))).mean().float())
+
+
+def test_condition_gradient_leaves_model_parameters_untouched():
+    lin = torch.nn.Linear(4, 4).double()
+    x_t = torch.randn(2, 4, dtype=torch.float64)
+    losses.condition_gradient(x_t, torch.tensor([10, 20]), lambda v, t, c: lin(v), lambda img: -img.pow(2).sum(1))
+    assert all(p.grad is None for p in lin.parameters())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_surrogate_gradient_is_minus_g(reduction):
+    x, _, _ = _batch(7)
+    g = torch.randn_like(x)
+    xr = x.clone().requires_grad_(True)
+    losses.surrogate_loss(xr, g, reduction).backward()
+    scale = 1.0 if reduction == "sum" else 1.0 / x.shape[0]
+    torch.testing.assert_close(xr.grad, -g * scale)
+
+
+def test_terms_add_up_in_score_space_with_one_scale():
+    x, eps, t = _batch(8)
+    x_t = S.add_noise(x, eps, t)
+    alpha, sigma = S.alpha_sigma(t, x)
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    guide = lambda v, tt, c: real(v, tt) * (1.0 if c == "pos" else 0.5)  # noqa: E731
+    f = lambda v, tt, c: 0.9 * v  # noqa: E731
+    log_lik = lambda img: -(img - 1.0).pow(2).flatten(1).sum(1)  # noqa: E731
+    reward = lambda img: img.flatten(1).sum(1)  # noqa: E731
+    kw = dict(consistency_denoise=f, log_likelihood=log_lik, guidance_denoise=guide, guidance_cond="pos",
+              guidance_uncond="neg", cfg_scale=3.0, reward=reward, condition_weight=0.5, reward_weight=2.0)
+    g, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="none", **kw)
+    s_fid = alpha * (real(x_t, t) - fake(x_t, t)) / sigma**2
+    g_c = 0.9 * (-2 * (0.9 * x_t - 1.0))  # d/dx_t of -(0.9 x_t - 1)^2
+    s_cfg = alpha * 2.0 * (guide(x_t, t, "pos") - guide(x_t, t, "neg")) / sigma**2
+    g_r = torch.full_like(x, 0.9)
+    torch.testing.assert_close(g, alpha * (s_fid + 0.5 * g_c + s_cfg + 2.0 * g_r))
+    # Same relative scale under DMD normalisation: only one per-sample factor changes.
+    g_dmd, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="dmd", **kw)
+    norm = (x - real(x_t, t)).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(g_dmd, g * sigma**2 / (alpha**2 * norm))
+
+
+def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():
+    x, eps, t = _batch(9)
+    x_t = S.add_noise(x, eps, t)
+    teacher = lambda v, tt, c: gaussian_denoiser(torch.full_like(x[:1], 0.5 if c == "pos" else -0.5), 0.8)(v, tt)  # noqa: E731
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    g, _ = losses.generator_direction(x, t, eps, S, teacher, fake, "pos", guidance_denoise=teacher, guidance_cond="pos",
+                                      guidance_uncond="neg", cfg_scale=4.5, weighting="sigma2")
+    # DMD's guided real score: x0_cfg = uncond + w (cond - uncond); direction x0_cfg - x0_fake.
+    x0_cfg = cfg(teacher(x_t, t, "pos"), teacher(x_t, t, "neg"), 4.5)
+    torch.testing.assert_close(g, x0_cfg - fake(x_t, t, "pos"))
+
+
+def test_implicit_vsd_is_fidelity_only():
+    x, eps, t = _batch(10)
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    xr = x.clone().requires_grad_(True)
+    loss, _ = losses.implicit_vsd_loss(xr, t, eps, S, real, fake)
+    loss.backward()
+    g, _ = losses.generator_direction(x, t, eps, S, real, fake)
+    torch.testing.assert_close(xr.grad, -g / x.shape[0])
+    with pytest.raises(ValueError, match="condition"):
+        losses.implicit_vsd_loss(x, t, eps, S, real, fake, log_likelihood=lambda i: i.sum(1), consistency_denoise=real)
+
+
+def test_fake_score_loss_of_exact_denoiser_is_the_posterior_variance():
+    # Data N(0, s^2): E||eps - E[eps | x_t]||^2 per element is alpha^2 s^2 / (alpha^2 s^2 + sigma^2).
+    g = torch.Generator().manual_seed(11)
+    n, s = 200_000, 0.6
+    x = s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    t = torch.full((n,), 300)
+    loss, _ = losses.fake_score_loss(gaussian_denoiser(torch.zeros(1, 1, dtype=torch.float64), s), x, eps, t, S)
+    abar = S.alphas_cumprod[300].item()
+    expected = abar * s**2 / (abar * s**2 + 1 - abar)
+    assert abs(loss.item() - expected) < 4 * expected * math.sqrt(2 / n) + 1e-3
+
+
+def test_consistency_loss_zero_for_a_consistent_map_and_trains_only_the_later_point():
+    x, eps, t = _batch(12)
+    point = x[:1].clone()
+    const = lambda v, tt, c: point.expand_as(v)  # noqa: E731  # consistent for data = delta(point)
+    loss, _ = losses.consistency_loss(const, point.expand_as(x), eps, t, t - 10, S)
+    assert loss.item() == 0.0
+    lin = torch.nn.Linear(18, 18).double()
+    den = lambda v, tt, c: lin(v.flatten(1)).reshape(v.shape)  # noqa: E731
+    loss, _ = losses.consistency_loss(den, x, eps, t, t - 10, S)
+    x_k, x_p = S.add_noise(x, eps, t), S.add_noise(x, eps, t - 10)
+    torch.testing.assert_close(loss, (den(x_k, t, None) - den(x_p, t - 10, None)).pow(2).mean())
+    loss.backward()
+    # d/dW of ||W a - sg(W b)||^2 is 2 (W a - W b) a^T / N: only the t_k point carries gradient.
+    diff = (den(x_k, t, None) - den(x_p, t - 10, None)).detach().flatten(1)
+    expected = 2 * diff.T @ x_k.flatten(1) / diff.numel()
+    torch.testing.assert_close(lin.weight.grad, expected)
+    with pytest.raises(ValueError, match="t > t_prev"):
+        losses.consistency_loss(den, x, eps, t, t, S)
+
+
+def test_dsm_controlnet_loss_regresses_onto_data():
+    x, eps, _ = _batch(13)
+    seen = {}
+
+    def student(v, tt, c):
+        seen["t"], seen["x_t"], seen["c"] = tt, v, c
+        return torch.zeros_like(v)
+
+    loss, _ = losses.dsm_controlnet_loss(student, x, eps, S, cond="canny")
+    torch.testing.assert_close(loss, x.pow(2).mean())
+    assert seen["c"] == "canny" and bool((seen["t"] == 999).all())
+    torch.testing.assert_close(seen["x_t"], S.add_noise(x, eps, seen["t"]))

@@ -1,0 +1,137 @@
+"""`python -m jdm_train` / `jdm-train`: the trainer's command line.
+
+Precedence: `TrainConfig` defaults < keys of `--config FILE` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jdm_train.config import (
+    COND_DECODERS,
+    CONTROLS,
+    DIVERGENCES,
+    MIXED_PRECISION,
+    OBJECTIVES,
+    PHASES,
+    TrainConfig,
+    load_config_file,
+)
+
+# (flag, type or "flag" for store_true, choices, help). Defaults are read off TrainConfig.
+_FLAGS: list[tuple[str, object, tuple | None, str]] = [
+    ("ckpt", str, None, "Teacher SD1.x checkpoint: a path, a file name in <root>/models/checkpoints, or 'demo' "
+                        "for the shipped demo teacher."),
+    ("control", str, CONTROLS, "Condition the ControlNet learns to obey."),
+    ("data", str, None, "Folder of training images with captions (a .txt beside each image, or a diffusers "
+                        "imagefolder metadata.jsonl with file_name/text). Defaults to the procedural demo set "
+                        "with --ckpt demo."),
+    ("comfyui_root", str, None, "ComfyUI folder: models are resolved in and exported to its models/ folders."),
+    ("output", str, None, "Export name: models/unet/<output>.safetensors and "
+                          "models/controlnet/<output>_<control>.safetensors."),
+    ("output_dir", str, None, "Folder for checkpoints, previews and exports (default: <root>/models/jdm_runs/"
+                              "<output> with a ComfyUI root, else ./jdm-output/<output>)."),
+    ("student", str, None, "Student UNet to freeze in --phase extend (file in models/unet or a path)."),
+    ("cfg_teacher", str, None, "Guidance teacher B for decoupled CFG (JDM Sec. 3.1); default: the teacher."),
+    ("allow_pickle", "flag", None, "Allow loading .ckpt/.pt pickled checkpoints (only for files you trust)."),
+    ("max_steps", int, None, "Number of generator updates."),
+    ("batch_size", int, None, "Images per process per micro-batch."),
+    ("gradient_accumulation_steps", int, None, "Micro-batches accumulated per update."),
+    ("resolution", int, None, "Training resolution in pixels (images are resized and center-cropped; "
+                              "a multiple of 64)."),
+    ("seed", int, None, "Seed of every random draw (data order, noise, timesteps)."),
+    ("objective", str, OBJECTIVES, "jdm: the JDM objective (Eq. 5); dsm: the DSM-ControlNet baseline; "
+                                   "vsd: the implicit-VSD baseline (fidelity only, no condition term)."),
+    ("divergence", str, DIVERGENCES, "f-divergence weighting of the fidelity term (f-distill); rkl is plain JDM."),
+    ("phase", str, PHASES, "joint: train student UNet + ControlNet; extend: freeze --student, train a new "
+                           "ControlNet (JDM Sec. 3.2.1)."),
+    ("generator_timestep", int, None, "Timestep t_g at which the student is evaluated on pure noise."),
+    ("t_min", int, None, "Smallest diffusion timestep drawn for the distribution-matching terms."),
+    ("t_max", int, None, "Largest diffusion timestep drawn for the distribution-matching terms."),
+    ("cfg_scale", float, None, "Decoupled CFG scale w of the guidance teacher (1 = off)."),
+    ("negative_prompt", str, None, "Prompt of the unconditional branch of the guidance teacher."),
+    ("reward", str, None, "Differentiable reward MODULE:FUNCTION taking images BCHW in [0,1] and prompts, "
+                          "returning (B,) (JDM Eq. 9)."),
+    ("fidelity_weight", float, None, "Weight of the fidelity (distribution-matching) term."),
+    ("condition_weight", float, None, "Weight of the condition term grad log p(c|x_t)."),
+    ("condition_tau", float, None, "Temperature tau of log p(c|x) = -d(h(x), c)/tau."),
+    ("reward_weight", float, None, "Weight of the reward term."),
+    ("gan_weight", float, None, "Weight of the generator's GAN term (needs a discriminator; 0 = off)."),
+    ("consistency_weight", float, None, "Weight of the consistency-LoRA loss (JDM Eq. 8)."),
+    ("fake_updates_per_step", int, None, "Fake-score/consistency/discriminator updates per generator update."),
+    ("student_lora_rank", int, None, "Rank of the student's LoRA on the frozen base (0 = full student weights)."),
+    ("fake_lora_rank", int, None, "Rank of the fake score's LoRA on the frozen base (0 = full weights)."),
+    ("consistency_lora_rank", int, None, "Rank of the consistency LoRA on the fake score."),
+    ("cond_decoder", str, COND_DECODERS, "Decoder for the condition term: the SD VAE, or TAESD from "
+                                         "models/vae_approx (cheaper)."),
+    ("taesd", str, None, "TAESD decoder file (name in models/vae_approx or a path)."),
+    ("lr_student", float, None, "Learning rate of the student UNet (or its LoRA)."),
+    ("lr_controlnet", float, None, "Learning rate of the ControlNet."),
+    ("lr_fake", float, None, "Learning rate of the fake score."),
+    ("lr_consistency", float, None, "Learning rate of the consistency LoRA."),
+    ("lr_discriminator", float, None, "Learning rate of the discriminator head."),
+    ("adam_beta1", float, None, "AdamW beta1 of every optimizer."),
+    ("adam_beta2", float, None, "AdamW beta2 of every optimizer."),
+    ("weight_decay", float, None, "AdamW weight decay."),
+    ("max_grad_norm", float, None, "Gradient-norm clip (0 = off)."),
+    ("mixed_precision", str, MIXED_PRECISION, "Autocast precision (accelerate)."),
+    ("gradient_checkpointing", "flag", None, "Recompute activations in the backward pass (less memory)."),
+    ("cpu", "flag", None, "Train on the CPU even when an accelerator is present."),
+    ("checkpoint_every", int, None, "Write checkpoint-N/ every this many steps."),
+    ("checkpoints_total_limit", int, None, "Keep only the newest this many checkpoints."),
+    ("resume", str, None, "'latest' or a checkpoint-N folder to continue from."),
+    ("preview_every", int, None, "Write a preview PNG grid every this many steps (0 = off)."),
+    ("preview_teacher_steps", int, None, "DDIM steps of the teacher reference in previews."),
+    ("log_every", int, None, "Log losses to trackers every this many steps."),
+    ("report_to", str, None, "Tracker for the logs: tensorboard, wandb or all (accelerate)."),
+    ("max_nonfinite", int, None, "Stop after this many consecutive non-finite losses."),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jdm-train",
+        description="Distil an SD1.x checkpoint into a one-step student with a ControlNet by Joint Distribution "
+                    "Matching (arXiv 2503.06652) and f-divergence matching (arXiv 2502.15681).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with the same keys as the flags; "
+                                                         "flags given on the command line win.")
+    defaults = TrainConfig()
+    for name, kind, choices, help_text in _FLAGS:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if kind == "flag":
+            parser.add_argument(flag, dest=name, action="store_true", help=help_text)
+            continue
+        parser.add_argument(flag, dest=name, type=kind, choices=choices, metavar=None if choices else name.upper(),
+                            help=f"{help_text} (default: {default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and `--config FILE`) into a validated TrainConfig; bad values exit with status 2."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    try:
+        values = load_config_file(given.pop("config")) if "config" in given else {}
+        values.update(given)
+        config = TrainConfig.from_dict(values)
+        if config.ckpt == "demo" and config.data is None:
+            config.data = "demo"
+        return config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    from jdm_train.train import run  # accelerate is imported only when training
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

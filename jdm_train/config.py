@@ -1,0 +1,200 @@
+"""The training configuration: one dataclass, saved inside every checkpoint and export.
+
+Precedence when the command line is parsed (`cli.parse_args`): dataclass defaults, then
+the keys of a `--config FILE` (TOML or JSON), then the flags actually given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+CONTROLS = ("canny", "hed", "depth", "lowres")
+OBJECTIVES = ("jdm", "dsm", "vsd")
+DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
+PHASES = ("joint", "extend")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+COND_DECODERS = ("vae", "taesd")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (see `cli.py` for the help text of each)."""
+
+    # models and data
+    ckpt: str = ""
+    control: str = "canny"
+    data: str | None = None
+    comfyui_root: str | None = None
+    output: str = "jdm"
+    output_dir: str | None = None
+    student: str | None = None
+    cfg_teacher: str | None = None
+    allow_pickle: bool = False
+    # run length and batch
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    resolution: int = 512
+    seed: int = 0
+    # objective (ALGORITHM.md)
+    objective: str = "jdm"
+    divergence: str = "rkl"
+    phase: str = "joint"
+    generator_timestep: int = 999
+    t_min: int = 20
+    t_max: int = 980
+    cfg_scale: float = 1.0
+    negative_prompt: str = ""
+    reward: str | None = None
+    fidelity_weight: float = 1.0
+    condition_weight: float = 1.0
+    condition_tau: float = 0.1
+    reward_weight: float = 1.0
+    gan_weight: float = 0.0
+    consistency_weight: float = 1.0
+    fake_updates_per_step: int = 1
+    # models' parametrisation
+    student_lora_rank: int = 0
+    fake_lora_rank: int = 0
+    consistency_lora_rank: int = 16
+    cond_decoder: str = "vae"
+    taesd: str = "taesd_decoder.safetensors"
+    # optimisation
+    lr_student: float = 1e-5
+    lr_controlnet: float = 1e-5
+    lr_fake: float = 1e-5
+    lr_consistency: float = 1e-4
+    lr_discriminator: float = 1e-5
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cpu: bool = False
+    # bookkeeping
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+    preview_every: int = 0
+    preview_teacher_steps: int = 20
+    log_every: int = 1
+    report_to: str | None = None
+    max_nonfinite: int = 5
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the flag and what was expected; return self."""
+        def bad(flag: str, value: Any, expected: str) -> None:
+            raise ValueError(f"--{flag.replace('_', '-')}: got {value!r}, expected {expected}")
+
+        for name, choices in (("control", CONTROLS), ("objective", OBJECTIVES), ("divergence", DIVERGENCES),
+                              ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS)):
+            if getattr(self, name) not in choices:
+                bad(name, getattr(self, name), "one of " + ", ".join(choices))
+        if not self.ckpt:
+            bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "fake_updates_per_step",
+                     "checkpoint_every", "log_every", "max_nonfinite", "preview_teacher_steps"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "an integer >= 1")
+        for name in ("student_lora_rank", "fake_lora_rank", "preview_every"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "an integer >= 0 (0 = off / full weights)")
+        if self.consistency_lora_rank < 1:
+            bad("consistency_lora_rank", self.consistency_lora_rank, "an integer >= 1")
+        if self.resolution % 64:
+            bad("resolution", self.resolution, "a multiple of 64")
+        if not 0 <= self.generator_timestep <= 999:
+            bad("generator_timestep", self.generator_timestep, "an integer in [0, 999]")
+        if not 0 <= self.t_min < self.t_max <= 999:
+            bad("t_min", (self.t_min, self.t_max), "0 <= --t-min < --t-max <= 999")
+        for name in ("lr_student", "lr_controlnet", "lr_fake", "lr_consistency", "lr_discriminator",
+                     "condition_tau"):
+            if not getattr(self, name) > 0:
+                bad(name, getattr(self, name), "a positive number")
+        for name in ("fidelity_weight", "condition_weight", "reward_weight", "gan_weight", "consistency_weight",
+                     "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "a number >= 0")
+        if self.cfg_scale < 1.0:
+            bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            bad("checkpoints_total_limit", self.checkpoints_total_limit, "an integer >= 1")
+        if self.phase == "extend" and not self.student:
+            bad("student", self.student, "the student UNet to freeze (required with --phase extend)")
+        if self.reward is not None and ":" not in self.reward:
+            bad("reward", self.reward, "MODULE:FUNCTION")
+        if self.report_to not in (None, "tensorboard", "wandb", "all"):
+            bad("report_to", self.report_to, "tensorboard, wandb or all")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping; unknown keys are an error (a typo must not be silently ignored)."""
+        return cls(**normalize_keys(values, source))
+
+
+def normalize_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept `max-steps` and `max_steps`; reject unknown keys naming `source`."""
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{source}: unknown key {key!r}; expected one of the trainer flags, e.g. 'max_steps'")
+        out[name] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON file of trainer keys (flat, or under a `[train]` table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: {str(path)!r} is not a file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        elif path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"--config: {str(path)!r} must end in .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--config: cannot parse {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {str(path)!r} must hold a table/object of trainer keys")
+    if isinstance(data.get("train"), dict) and len(data) == 1:
+        data = data["train"]
+    return check_types(normalize_keys(data, f"--config {path}"), f"--config {path}")
+
+
+def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Coerce file values to each field's type (int -> float is fine); ValueError names the key."""
+    defaults = TrainConfig()
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}
+    out = {}
+    for name, value in values.items():
+        ann = annotations[name]
+        if value is None and "None" in ann:
+            out[name] = None
+            continue
+        base = ann.split(" |")[0]
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[base]
+        if not ok:
+            raise ValueError(f"{source}: key {name!r} got {value!r}, expected a {base}"
+                             f" (default {getattr(defaults, name)!r})")
+        out[name] = float(value) if base == "float" else value
+    return out

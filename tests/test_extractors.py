@@ -1,0 +1,204 @@
+"""Registry, canny and lowres extractors against independent references (OpenCV, slicing)."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from jdm_train.extractors import (
+    EXTRACTORS,
+    canny_edges,
+    extractor_names,
+    extractor_params,
+    get_extractor,
+    hysteresis,
+    run_extractor,
+    soft_canny,
+)
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def photo(name: str) -> np.ndarray:
+    img = getattr(data, name)()
+    return img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
+
+
+def to_bchw(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+
+
+def f1(a: np.ndarray, b: np.ndarray) -> float:
+    tp = np.logical_and(a, b).sum()
+    return 2 * tp / max(1, a.sum() + b.sum())
+
+
+# -- registry ---------------------------------------------------------------
+
+def test_registry_names_and_unknown_name():
+    assert {"canny", "lowres"} <= set(extractor_names())
+    with pytest.raises(ValueError, match="canny"):
+        get_extractor("sketch")
+
+
+def test_params_are_declared_and_validated():
+    for name in extractor_names():
+        for p in extractor_params(name):
+            assert p.kind in ("bool", "int", "float", "str")
+            if p.kind in ("int", "float"):
+                assert p.min <= p.default <= p.max and p.step > 0
+        ext = get_extractor(name)
+        assert ext.distance in ("l1", "mse", "bce")
+    with pytest.raises(ValueError, match="low_threshold"):
+        get_extractor("canny", low_thresh=3)
+    with pytest.raises(ValueError, match="factor"):
+        get_extractor("lowres", factor=1)
+    with pytest.raises(ValueError, match="integer"):
+        get_extractor("lowres", factor=2.5)
+
+
+def test_bad_images_raise():
+    ext = get_extractor("lowres")
+    with pytest.raises(ValueError, match="BCHW"):
+        ext.extract(torch.rand(3, 16, 16))
+    with pytest.raises(ValueError, match="channels"):
+        ext.extract(torch.rand(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="float"):
+        ext.extract(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+# -- canny ------------------------------------------------------------------
+
+@pytest.mark.parametrize("low,high", [(100, 200), (50, 120)])
+def test_canny_matches_opencv_on_photos(low, high):
+    ext = get_extractor("canny", low_threshold=low, high_threshold=high)
+    for name in PHOTOS:
+        img = photo(name)
+        ref = cv2.Canny(img, low, high) > 0
+        out = ext.extract(to_bchw(img))
+        assert out.shape == (1, 3, *img.shape[:2])
+        assert torch.equal(out[:, 0], out[:, 2])
+        score = f1(out[0, 0].numpy() > 0.5, ref)
+        assert score >= 0.95, (name, score)
+
+
+def test_canny_swapped_and_fractional_thresholds_follow_opencv():
+    img = photo("coffee")[:160, :200]
+    ref = cv2.Canny(img, 180.7, 60.2) > 0  # cv2 floors, then swaps
+    out = canny_edges(to_bchw(img), 180.7, 60.2)
+    assert f1(out[0].numpy(), ref) >= 0.99
+
+
+def test_canny_batch_equals_per_image_and_keeps_dtype():
+    imgs = [photo(n)[:128, :160] for n in PHOTOS]
+    batch = torch.cat([to_bchw(i) for i in imgs]).double()
+    ext = get_extractor("canny")
+    out = ext.extract(batch)
+    assert out.dtype == torch.float64 and out.device == batch.device
+    for k in range(len(imgs)):
+        assert torch.equal(out[k : k + 1], ext.extract(batch[k : k + 1]))
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_hysteresis_against_flood_fill():
+    gen = torch.Generator().manual_seed(0)
+    cand = torch.rand(3, 40, 50, generator=gen) < 0.45
+    strong = cand & (torch.rand(3, 40, 50, generator=gen) < 0.03)
+    out = hysteresis(cand, strong)
+    # Independent reference: breadth-first flood fill from every strong pixel.
+    ref = np.zeros(cand.shape, bool)
+    c = cand.numpy()
+    for b, i, j in zip(*np.nonzero(strong.numpy())):
+        stack = [(i, j)]
+        while stack:
+            y, x = stack.pop()
+            if ref[b, y, x]:
+                continue
+            ref[b, y, x] = True
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < 40 and 0 <= xx < 50 and c[b, yy, xx] and not ref[b, yy, xx]:
+                        stack.append((yy, xx))
+    assert ref.sum() > 100
+    assert np.array_equal(out.numpy(), ref)
+
+
+def test_hysteresis_long_serpentine_converges():
+    # One 8-connected path of ~2100 pixels whose only strong pixel is at its far end.
+    n = 64
+    grid = np.zeros((n, n), bool)
+    grid[::2] = True
+    grid[1::4, -1] = True
+    grid[3::4, 0] = True
+    cand = torch.from_numpy(grid)[None]
+    strong = torch.zeros_like(cand)
+    strong[0, 62, 5] = True
+    assert torch.equal(hysteresis(cand, strong), cand)
+    grid[61, -1] = False  # cut the path: only row 62 and its tail pixel stay connected
+    out = hysteresis(torch.from_numpy(grid)[None], strong)
+    assert out.sum() == n + 1 and out[0, 62].all() and out[0, 63, 0]
+
+
+def test_soft_canny_tracks_exact_edges():
+    img = to_bchw(photo("astronaut")[::2, ::2])
+    ext = get_extractor("canny")
+    exact, soft = ext.extract(img), ext.soft(img)
+    assert soft.shape == exact.shape and soft.min() >= 0 and soft.max() <= 1
+    on, off = soft[exact > 0.5].mean(), soft[exact < 0.5].mean()
+    assert on > 0.8 and off < 0.3
+    # the likelihood prefers the image the edges came from over another photo
+    other = to_bchw(photo("coffee")[:256, :256])
+    assert ext.log_likelihood(img, exact) > ext.log_likelihood(other, exact)
+
+
+def test_soft_canny_gradcheck():
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: soft_canny(t, 50, 100, 2.0), (x,))
+    ext = get_extractor("canny", low_threshold=50, high_threshold=100)
+    c = ext.extract(x.detach())
+    assert torch.autograd.gradcheck(lambda t: ext.log_likelihood(t, c, tau=0.5), (x,))
+
+
+# -- lowres -----------------------------------------------------------------
+
+def test_lowres_exact_against_slicing_and_opencv():
+    x = torch.rand(2, 3, 64, 48)
+    out = get_extractor("lowres").extract(x)
+    ref = x[..., ::8, ::8].repeat_interleave(8, -2).repeat_interleave(8, -1)
+    assert torch.equal(out, ref)
+    # a size not divisible by the factor: cv2.INTER_NEAREST picks the same source pixels
+    img = photo("chelsea")[:101, :77]
+    small = cv2.resize(img, (77 // 8, 101 // 8), interpolation=cv2.INTER_NEAREST)
+    big = cv2.resize(small, (77, 101), interpolation=cv2.INTER_NEAREST)
+    assert torch.equal(run_extractor("lowres", to_bchw(img)), to_bchw(big))
+
+
+def test_lowres_soft_is_block_mean_and_gradchecks():
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    ext = get_extractor("lowres", factor=4)
+    soft = ext.soft(x)
+    assert torch.allclose(soft[0, :, 0, 0], x[0, :, :4, :4].mean((1, 2)))
+    assert torch.autograd.gradcheck(ext.soft, (x,))
+    c = ext.extract(x.detach())
+    assert torch.autograd.gradcheck(lambda t: ext.log_likelihood(t, c, tau=0.1), (x,))
+
+
+def test_consistency_is_mean_abs_error():
+    x = torch.rand(3, 3, 32, 32)
+    for name in ("canny", "lowres"):
+        ext = get_extractor(name)
+        c = ext.extract(x)
+        assert torch.equal(ext.consistency(x, c), torch.zeros(3))
+        c2 = c.clone()
+        c2[1] = 1 - c2[1]
+        err = ext.consistency(x, c2)
+        assert err[0] == 0 and err[2] == 0
+        assert torch.isclose(err[1], (c[1] - c2[1]).abs().mean()) and err[1] > 0.1
+
+
+def test_every_registered_extractor_builds():
+    assert list(EXTRACTORS) == extractor_names()
+    for name in extractor_names():
+        assert get_extractor(name).name == name

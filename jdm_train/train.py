@@ -1,0 +1,679 @@
+"""The training loop of JDM (arXiv 2503.06652, Alg. 1): the only module that touches accelerate.
+
+`Trainer.generator_step()` updates the student (UNet + ControlNet) along the JDM direction
+(Eq. 5 / 9 / 10, `losses.generator_loss`); `Trainer.fake_score_step()` updates the fake score
+(Eq. 6), the consistency LoRA (Eq. 8) and, for f-divergences other than reverse-KL, the
+density-ratio discriminator. accelerate supplies the device, autocast, loss scaling,
+trackers and optimizer/RNG checkpointing; gradients are averaged across processes by hand
+because one frozen base carries several roles' adapters, which DDP's one-module-one-backward
+model does not fit.
+
+Randomness is a pure function of (seed, step, process, purpose), and the batch order of
+(seed, step) (`data.BatchOrder`), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from jdm_train import losses, model_io
+from jdm_train.config import TrainConfig
+from jdm_train.data import BatchOrder, CaptionedImageFolder
+from jdm_train.denoisers import Cond, UNetDenoiser, build_roles, merged_student_unet, student_lora_state
+from jdm_train.guidance import cfg as cfg_combine
+from jdm_train.sampling import generate_one_step
+from jdm_train.schedule import NoiseSchedule
+
+log = logging.getLogger("jdm_train")
+_PURPOSES = {"z": 1, "t": 2, "eps": 3, "fake_z": 4, "fake_t": 5, "fake_eps": 6, "cons_t": 7, "cons_eps": 8,
+             "disc_t": 9, "disc_eps": 10, "preview": 11}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when `--max-nonfinite` consecutive steps had a non-finite loss."""
+
+
+def default_output_dir(config: TrainConfig) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    if config.comfyui_root:
+        return Path(config.comfyui_root) / "models" / "jdm_runs" / config.output
+    return Path("jdm-output") / config.output
+
+
+def resolve_teacher(config: TrainConfig) -> Path:
+    """`--ckpt demo` is the demo teacher shipped in `jdm_train/demo/assets/`; anything else a checkpoint name."""
+    if config.ckpt == "demo":
+        from jdm_train import demo
+
+        path = Path(getattr(demo, "TEACHER_PATH", Path(demo.__file__).parent / "assets" / "demo_teacher.safetensors"))
+        if not path.is_file():
+            raise ValueError(f"--ckpt demo: the demo teacher {path} is missing (python -m jdm_train.demo.train_teacher)")
+        return path
+    return model_io.resolve_model(config.ckpt, "checkpoints", config.comfyui_root)
+
+
+def load_dataset(config: TrainConfig):
+    if config.data == "demo":
+        from jdm_train.demo.data import ShapesDataset
+
+        return ShapesDataset(resolution=config.resolution) if "resolution" in ShapesDataset.__init__.__code__.co_varnames \
+            else ShapesDataset()
+    if not config.data:
+        raise ValueError("--data: a folder of captioned images is required (or --ckpt demo)")
+    return CaptionedImageFolder(config.data, config.resolution)
+
+
+def load_reward(spec: str):
+    """`MODULE:FUNCTION` -> callable(images BCHW [0, 1], prompts) -> (B,) (JDM Eq. 9)."""
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--reward: cannot import {spec!r} ({exc}); expected MODULE:FUNCTION") from exc
+    if not callable(fn):
+        raise ValueError(f"--reward: {spec!r} is not callable")
+    return fn
+
+
+def load_taesd_decoder(path: Path, device, dtype=None):
+    """diffusers AutoencoderTiny with the decoder of a ComfyUI `taesd_decoder.safetensors`."""
+    from diffusers import AutoencoderTiny
+
+    sd, _ = model_io.read_state_dict(path)
+    if not any(k.startswith("taesd_decoder.") for k in sd):
+        sd = {f"taesd_decoder.{k}": v for k, v in sd.items()}
+    sd = {k: v for k, v in model_io.taesd_to_diffusers(sd).items() if k.startswith("decoder.")}
+    if "decoder.layers.0.weight" not in sd:
+        raise ValueError(f"--taesd: {path} is not a TAESD decoder (expected keys '1.weight', '3.conv.0.weight', ...)")
+    model = AutoencoderTiny(latent_channels=int(sd["decoder.layers.0.weight"].shape[1]))
+    missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if k.startswith("decoder.")]
+    if missing:
+        raise ValueError(f"--taesd: {path} lacks decoder weights {missing[:3]}")
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds every model of a run from a `TrainConfig` and runs Alg. 1 of JDM."""
+
+    def __init__(self, config: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.config = config.validate()
+        self.output_dir = default_output_dir(config)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, cpu=config.cpu,
+            log_with=None if config.report_to is None else config.report_to, project_dir=str(self.output_dir))
+        acc = self.accelerator
+        self.device = acc.device
+        self.schedule = NoiseSchedule()
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.stop_requested = False
+        self._text_cache: dict[str, Tensor] = {}
+
+        teacher_path = resolve_teacher(config)
+        pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle,
+                                            comfyui_root=config.comfyui_root)
+        self.teacher_path = teacher_path
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder.to(self.device).requires_grad_(False).eval()
+        self.vae = pipe.vae.to(self.device).requires_grad_(False).eval()
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        frozen_student = None
+        if config.phase == "extend":
+            frozen_student = model_io.load_unet(model_io.resolve_model(config.student, "unet", config.comfyui_root),
+                                                allow_pickle=config.allow_pickle)
+        # One seed for every randomly initialised weight, identical on every process.
+        torch.manual_seed(config.seed)
+        self.roles = build_roles(
+            pipe.unet, self.schedule, student_lora_rank=config.student_lora_rank, fake_lora_rank=config.fake_lora_rank,
+            consistency_lora_rank=config.consistency_lora_rank, frozen_student=frozen_student,
+            discriminator=config.divergence != "rkl" or config.gan_weight > 0, vae_scale_factor=self.vae_scale_factor,
+            gradient_checkpointing=config.gradient_checkpointing)
+        for module in self.roles.modules.values():
+            module.to(self.device)
+        self.guidance = None
+        if config.cfg_scale != 1.0:
+            if config.cfg_teacher:
+                gpipe = model_io.load_sd1_checkpoint(model_io.resolve_model(config.cfg_teacher, "checkpoints",
+                                                                            config.comfyui_root),
+                                                     allow_pickle=config.allow_pickle)
+                self.guidance_text_encoder = gpipe.text_encoder.to(self.device).requires_grad_(False)
+                self.guidance = UNetDenoiser(gpipe.unet.to(self.device).requires_grad_(False), self.schedule)
+            else:
+                self.guidance = self.roles.teacher
+        from jdm_train.extractors import get_extractor
+
+        self.extractor = get_extractor(config.control)
+        self.decoder = self.vae
+        if config.cond_decoder == "taesd":
+            self.decoder = load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
+                                              self.device)
+        self.reward_fn = load_reward(config.reward) if config.reward else None
+        self.dataset = load_dataset(config)
+        self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
+                                acc.num_processes)
+        self.optimizers = self._build_optimizers()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _adamw(self, groups: list[tuple[list, float]]):
+        cfg = self.config
+        params = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
+        return torch.optim.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+    def _build_optimizers(self) -> dict:
+        cfg, g = self.config, self.roles.groups
+        opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student), (g["controlnet"], cfg.lr_controlnet)])}
+        if cfg.objective != "dsm":
+            opts["fake"] = self._adamw([(g["fake"], cfg.lr_fake), (g["consistency"], cfg.lr_consistency)])
+        if "discriminator" in g:
+            opts["discriminator"] = self._adamw([(g["discriminator"], cfg.lr_discriminator)])
+        names = list(opts)
+        prepared = self.accelerator.prepare(*opts.values())
+        prepared = prepared if isinstance(prepared, (tuple, list)) else [prepared]
+        return dict(zip(names, prepared))
+
+    def rng(self, purpose: str, micro: int = 0) -> torch.Generator:
+        """The generator of one random draw: a pure function of (seed, step, micro-batch, process, purpose)."""
+        key = (((self.config.seed * 1_000_003 + self.step) * 131 + micro) * 1009 + self.accelerator.process_index) \
+            * 61 + _PURPOSES[purpose]
+        return torch.Generator(device=self.device).manual_seed(key % (2**63 - 1))
+
+    def randn(self, shape, purpose: str, micro: int = 0) -> Tensor:
+        return torch.randn(shape, generator=self.rng(purpose, micro), device=self.device)
+
+    # ------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], encoder=None) -> Tensor:
+        """(B, 77, D) hidden states of the frozen text encoder, cached per caption."""
+        encoder = encoder or self.text_encoder
+        missing = [c for c in dict.fromkeys(captions) if (id(encoder), c) not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            hidden = encoder(ids)[0]
+            if len(self._text_cache) > 4096:
+                self._text_cache.clear()
+            for c, h in zip(missing, hidden):
+                self._text_cache[(id(encoder), c)] = h
+        return torch.stack([self._text_cache[(id(encoder), c)] for c in captions])
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Data latents (B, 4, h, w) in diffusion scale: the mean of the VAE posterior (deterministic)."""
+        return self.vae.encode(images * 2 - 1).latent_dist.mode() * self.latent_scale
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Differentiable latents -> images BCHW in [0, 1] through the SD VAE or TAESD (`--cond-decoder`)."""
+        if self.decoder is self.vae:
+            images = self.vae.decode(latents / self.latent_scale).sample
+        else:  # TAESD decodes diffusion-scale latents directly
+            images = self.decoder.decode(latents).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def load_batch(self, micro: int) -> dict:
+        """Micro-batch `micro` of the current step, on the device, with conditions extracted from the data."""
+        index = self.step * self.config.gradient_accumulation_steps + micro
+        items = [self.dataset[i] for i in self.order.indices(index)]
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        captions = [it["caption"] for it in items]
+        with torch.no_grad():
+            control = self.extractor.extract(images)
+        cond = Cond(self.encode_text(captions), control)
+        return {"images": images, "captions": captions, "control": control, "cond": cond, "micro": micro}
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        size = self.config.resolution // self.vae_scale_factor
+        return (batch, self.roles.student.unet.config.in_channels, size, size)
+
+    def _discriminator_logits(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        tap = self.roles.fake_tap
+        tap.enabled = True
+        try:
+            self.roles.fake(x_t, t, cond)
+        finally:
+            tap.enabled = False
+        return self.roles.discriminator(tap.value)
+
+    # ------------------------------------------------------------------ the two updates
+
+    def generator_step(self, batch: dict) -> tuple[Tensor, dict, Tensor]:
+        """Loss of one student update on `batch` (JDM Eq. 5/9/10, or a baseline); returns (loss, logs, x)."""
+        cfg, roles, micro = self.config, self.roles, batch["micro"]
+        cond: Cond = batch["cond"]
+        n = batch["images"].shape[0]
+        z = self.randn(self.latent_shape(n), "z", micro)
+        if cfg.objective == "dsm":
+            eps = self.randn(z.shape, "eps", micro)
+            x_data = self.encode_images(batch["images"])
+            with self.accelerator.autocast():
+                loss, logs = losses.dsm_controlnet_loss(roles.student, x_data, eps, self.schedule, cond,
+                                                        cfg.generator_timestep)
+            return loss, logs, None
+        with self.accelerator.autocast():
+            x = generate_one_step(roles.student, z, cfg.generator_timestep, cond).float()
+        t = losses.sample_timesteps(n, cfg.t_min, cfg.t_max, self.device, self.rng("t", micro))
+        eps = self.randn(x.shape, "eps", micro)
+        terms = dict(divergence=cfg.divergence, fidelity_weight=cfg.fidelity_weight,
+                     condition_weight=cfg.condition_weight, reward_weight=cfg.reward_weight)
+        if cfg.objective == "jdm":
+            control = batch["control"]
+            terms.update(consistency_denoise=roles.consistency, decode=self.decode,
+                         log_likelihood=lambda img: self.extractor.log_likelihood(img, control, tau=cfg.condition_tau))
+            if self.reward_fn is not None:
+                captions = batch["captions"]
+                terms["reward"] = lambda img: self.reward_fn(img, captions).reshape(-1).float()
+        if cfg.divergence != "rkl":
+            terms["discriminator"] = self._discriminator_logits
+        if self.guidance is not None:
+            gcond, gunc = self.guidance_conds(batch)
+            terms.update(guidance_denoise=self.guidance, guidance_cond=gcond, guidance_uncond=gunc,
+                         cfg_scale=cfg.cfg_scale)
+        with self.accelerator.autocast():
+            loss, logs = losses.generator_loss(x, t, eps, self.schedule, roles.teacher, roles.fake, cond, **terms)
+            if cfg.gan_weight > 0:
+                # Non-saturating generator GAN term on the same noised student sample (f-distill).
+                logits = self._discriminator_logits(self.schedule.add_noise(x, eps, t), t, cond)
+                gan = torch.nn.functional.softplus(-logits).mean()
+                loss = loss + cfg.gan_weight * gan
+                logs["gan_loss"] = gan.detach()
+        return loss, logs, x.detach()
+
+    def guidance_conds(self, batch: dict) -> tuple[Cond, Cond]:
+        n = len(batch["captions"])
+        encoder = getattr(self, "guidance_text_encoder", None)
+        pos = self.encode_text(batch["captions"], encoder)
+        neg = self.encode_text([self.config.negative_prompt] * n, encoder)
+        return Cond(pos), Cond(neg)
+
+    def fake_score_step(self, batch: dict, x: Tensor | None = None, repeat: int = 0) -> tuple[Tensor, dict]:
+        """Loss of one fake-score (Eq. 6) + consistency-LoRA (Eq. 8) + discriminator update on sg(x).
+
+        The three parts go to disjoint parameters: the consistency loss is back-propagated into
+        the consistency LoRA only (`inputs=`), the discriminator sees the fake score's features
+        without gradient. Returns the summed loss after `backward` (for logging)."""
+        cfg, roles, micro = self.config, self.roles, batch["micro"] + 1000 * repeat
+        cond: Cond = batch["cond"]
+        n = batch["images"].shape[0]
+        if x is None:
+            with torch.no_grad(), self.accelerator.autocast():
+                x = generate_one_step(roles.student, self.randn(self.latent_shape(n), "fake_z", micro),
+                                      cfg.generator_timestep, cond).float()
+        x = x.detach()
+        scale = 1.0 / cfg.gradient_accumulation_steps
+        t = losses.sample_timesteps(n, cfg.t_min, cfg.t_max, self.device, self.rng("fake_t", micro))
+        eps = self.randn(x.shape, "fake_eps", micro)
+        with self.accelerator.autocast():
+            fake_loss, logs = losses.fake_score_loss(roles.fake, x, eps, t, self.schedule, cond)
+        self._backward(fake_loss * scale, self.roles.groups["fake"])
+        total = fake_loss.detach()
+        if cfg.objective == "jdm" and cfg.consistency_weight > 0:
+            t_k = losses.sample_timesteps(n, cfg.t_min + 20, cfg.t_max, self.device, self.rng("cons_t", micro))
+            eps_c = self.randn(x.shape, "cons_eps", micro)
+            with self.accelerator.autocast():
+                c_loss, c_logs = losses.consistency_loss(roles.consistency, x, eps_c, t_k, t_k - 20, self.schedule, cond)
+            self._backward(cfg.consistency_weight * c_loss * scale, self.roles.groups["consistency"])
+            logs.update(c_logs)
+            total = total + c_loss.detach()
+        if roles.discriminator is not None:
+            t_d = losses.sample_timesteps(n, cfg.t_min, cfg.t_max, self.device, self.rng("disc_t", micro))
+            eps_d = self.randn(x.shape, "disc_eps", micro)
+            x_data = self.encode_images(batch["images"])
+            with self.accelerator.autocast():
+                with torch.no_grad():
+                    tap = roles.fake_tap
+                    tap.enabled = True
+                    roles.fake(self.schedule.add_noise(x_data, eps_d, t_d), t_d, cond)
+                    real_feat = tap.value
+                    roles.fake(self.schedule.add_noise(x, eps_d, t_d), t_d, cond)
+                    fake_feat = tap.value
+                    tap.enabled = False
+                d_loss, d_logs = losses.discriminator_loss(roles.discriminator(real_feat),
+                                                           roles.discriminator(fake_feat))
+            self._backward(d_loss * scale, self.roles.groups["discriminator"])
+            logs.update(d_logs)
+            total = total + d_loss.detach()
+        return total, logs
+
+    def _backward(self, loss: Tensor, params: list) -> None:
+        self.accelerator.backward(loss, inputs=[p for p in params if p.requires_grad])
+
+    # ------------------------------------------------------------------ optimisation plumbing
+
+    def _all_reduce_grads(self, params: list) -> None:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _finite(self, value: Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
+
+    def _apply(self, name: str) -> None:
+        opt = self.optimizers[name]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        self._all_reduce_grads(params)
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _zero(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def train_step(self) -> dict:
+        """One generator update (accumulated over micro-batches) then `fake_updates_per_step` fake-score updates.
+
+        A non-finite loss anywhere discards the whole step (no parameter changes) and is counted."""
+        cfg = self.config
+        logs: dict = {}
+        samples = []
+        self._zero()
+        gen_total = torch.zeros((), device=self.device)
+        batches = [self.load_batch(m) for m in range(cfg.gradient_accumulation_steps)]
+        for batch in batches:
+            loss, glogs, x = self.generator_step(batch)
+            gen_total = gen_total + loss.detach()
+            if torch.isfinite(loss):
+                self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            samples.append(x)
+            logs.update(glogs)
+        if not self._finite(gen_total):
+            return self._skip(logs)
+        self._apply("generator")
+        if "fake" in self.optimizers:
+            for repeat in range(cfg.fake_updates_per_step):
+                self._zero()
+                fake_total = torch.zeros((), device=self.device)
+                for batch, x in zip(batches, samples):
+                    loss, flogs = self.fake_score_step(batch, x if repeat == 0 else None, repeat)
+                    fake_total = fake_total + loss
+                    logs.update(flogs)
+                if not self._finite(fake_total):
+                    return self._skip(logs)
+                for name in ("fake", "discriminator"):
+                    if name in self.optimizers:
+                        self._apply(name)
+        self.nonfinite_run = 0
+        logs["generator_loss"] = gen_total / cfg.gradient_accumulation_steps
+        return {k: float(v) for k, v in logs.items()}
+
+    def _skip(self, logs: dict) -> dict:
+        self._zero()
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", self.step,
+                    self.nonfinite_run, self.nonfinite_total)
+        if self.nonfinite_run >= self.config.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}; stopping. The last good "
+                f"checkpoint is kept in {self.output_dir} (resume with --resume latest, e.g. with lower learning rates)")
+        return {"nonfinite_skipped": float(self.nonfinite_total)}
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        """Run until `max_steps`, a stop signal, or too many non-finite losses. Returns an exit status."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.config
+        if cfg.resume:
+            load_checkpoint(self, find_checkpoint(self.output_dir, cfg.resume))
+        if cfg.report_to and acc.is_main_process:
+            acc.init_trackers("jdm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="jdm")
+        status = 0
+        try:
+            while self.step < cfg.max_steps:
+                logs = self.train_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in
+                                 ("generator_loss", "fake_score_loss", "consistency_loss", "disc_loss", "dsm_loss")})
+                if cfg.report_to and self.step % cfg.log_every == 0:
+                    acc.log(logs, step=self.step)
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    write_preview(self)
+                stop = self._stop_everywhere()
+                if self.step % cfg.checkpoint_every == 0 or stop or self.step == cfg.max_steps:
+                    save_checkpoint(self)
+                if stop:
+                    log.warning("stopped by signal at step %d; resume with --resume latest", self.step)
+                    status = 130
+                    break
+            if self.step >= cfg.max_steps:
+                export(self)
+        except NonFiniteLossError as exc:
+            log.error("%s", exc)
+            status = 3
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if cfg.report_to:
+                acc.end_training()
+        return status
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        log.warning("signal %d: finishing the current step, then checkpointing", signum)
+
+    def _stop_everywhere(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) > 0
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+_CKPT_PREFIX = "checkpoint-"
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in output_dir.glob(f"{_CKPT_PREFIX}*"):
+        suffix = p.name[len(_CKPT_PREFIX):]
+        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path:
+    """`latest` (the newest complete `checkpoint-N/` in `output_dir`) or an explicit folder."""
+    if spec == "latest":
+        found = _checkpoints(output_dir)
+        if not found:
+            raise ValueError(f"--resume latest: no checkpoint-N folder in {output_dir}")
+        return found[-1][1]
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"--resume: {spec!r} is not a checkpoint folder (no trainer_state.json); "
+                         "expected 'latest' or a checkpoint-N folder")
+    return path
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """`checkpoint-N/`: trained weights (safetensors), optimizers + RNG (accelerate), step and config.
+
+    Written into a hidden temporary folder and renamed, so a kill at any moment leaves either
+    the previous set of checkpoints or the new one, never a truncated folder."""
+    acc = trainer.accelerator
+    final = trainer.output_dir / f"{_CKPT_PREFIX}{trainer.step}"
+    tmp = trainer.output_dir / f".{_CKPT_PREFIX}{trainer.step}.tmp"
+    if acc.is_main_process:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        model_io.save_state_dict(tmp / "trainable.safetensors", trainer.roles.trainable_state(),
+                                 {"jdm.kind": "trainer_checkpoint", "jdm.config": trainer.config.to_json()})
+        state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict()}
+        _atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1, sort_keys=True).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        limit = trainer.config.checkpoints_total_limit
+        if limit:
+            for _, old in _checkpoints(trainer.output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Restore weights, optimizers and the step from `path` (see `save_checkpoint`)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    weights, _ = model_io.read_state_dict(path / "trainable.safetensors")
+    trainer.roles.load_trainable_state({k: v.to(trainer.device) for k, v in weights.items()})
+    trainer.accelerator.load_state(str(path))
+    trainer.step = int(state["step"])
+    trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
+    log.info("resumed from %s at step %d", path, trainer.step)
+
+
+# ---------------------------------------------------------------------- previews
+
+
+@torch.no_grad()
+def ddim_reference(denoise, noise: Tensor, cond: Cond, uncond: Cond, steps: int, scale: float,
+                   schedule: NoiseSchedule) -> Tensor:
+    """Deterministic DDIM (eta = 0) with classifier-free guidance: the teacher's multi-step reference."""
+    ts = torch.linspace(999, 0, steps, device=noise.device).round().long()
+    x = noise
+    for i, t_now in enumerate(ts):
+        t = t_now.repeat(noise.shape[0])
+        x0 = denoise(x, t, cond)
+        if scale != 1.0:
+            x0 = cfg_combine(x0, denoise(x, t, uncond), scale)
+        if i + 1 == len(ts):
+            return x0
+        eps = schedule.eps_from_x0(x, x0, t)
+        alpha, sigma = schedule.alpha_sigma(ts[i + 1].repeat(noise.shape[0]), x)
+        x = alpha * x0 + sigma * eps
+    return x
+
+
+@torch.no_grad()
+def write_preview(trainer: Trainer, count: int = 4) -> Path | None:
+    """`preview-N.png`: one row per fixed sample, condition | student one-step | teacher multi-step."""
+    if not trainer.accelerator.is_main_process:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    cfg = trainer.config
+    items = [trainer.dataset[i] for i in range(min(count, len(trainer.dataset)))]
+    images = torch.stack([it["image"] for it in items]).to(trainer.device)
+    captions = [it["caption"] for it in items]
+    control = trainer.extractor.extract(images)
+    cond = Cond(trainer.encode_text(captions), control)
+    uncond = Cond(trainer.encode_text([cfg.negative_prompt] * len(items)))
+    gen = torch.Generator(device=trainer.device).manual_seed(cfg.seed + 1)
+    noise = torch.randn(trainer.latent_shape(len(items)), generator=gen, device=trainer.device)
+    with trainer.accelerator.autocast():
+        student = generate_one_step(trainer.roles.student, noise, cfg.generator_timestep, cond).float()
+        teacher = ddim_reference(trainer.roles.teacher, noise, cond, uncond, cfg.preview_teacher_steps,
+                                 max(cfg.cfg_scale, 1.0), trainer.schedule).float()
+    cols = [control.float(), trainer.decode(student), trainer.decode(teacher)]
+    grid = torch.cat([torch.cat(list(col), dim=1) for col in cols], dim=2)  # (3, n*H, 3*W)
+    array = (grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    path = trainer.output_dir / f"preview-{trainer.step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------- exports
+
+
+def export_paths(config: TrainConfig, output_dir: Path) -> dict[str, Path]:
+    """Where the exports go: the ComfyUI model folders under `--comfyui-root`, else `output_dir`."""
+    name, control = config.output, config.control
+    if config.comfyui_root and not config.output_dir:
+        models = Path(config.comfyui_root) / "models"
+        return {"student": models / "unet" / f"{name}.safetensors",
+                "controlnet": models / "controlnet" / f"{name}_{control}.safetensors",
+                "lora": models / "loras" / f"{name}_lora.safetensors"}
+    return {"student": output_dir / f"{name}.safetensors",
+            "controlnet": output_dir / f"{name}_{control}.safetensors",
+            "lora": output_dir / f"{name}_lora.safetensors"}
+
+
+def lora_to_comfyui(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """kohya naming (`lora_unet_<diffusers module with _>.lora_down/lora_up/alpha`), which ComfyUI's
+    `model_lora_keys_unet` maps onto the LDM UNet (LoraLoaderModelOnly)."""
+    out = {}
+    for key, value in state.items():
+        module, _, kind = key.partition(".lora_")
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[f"{stem}.lora_{kind}"] = value
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export(trainer: Trainer) -> dict[str, Path]:
+    """Write the student UNet, the ControlNet and (with a student LoRA) the LoRA, with `jdm.*` metadata."""
+    acc, cfg = trainer.accelerator, trainer.config
+    paths = export_paths(cfg, trainer.output_dir)
+    written: dict[str, Path] = {}
+    if acc.is_main_process:
+        meta = {"jdm.control": cfg.control, "jdm.timestep": str(cfg.generator_timestep),
+                "jdm.base": trainer.teacher_path.name, "jdm.config": cfg.to_dict()}
+        if cfg.phase == "joint":
+            written["student"] = model_io.save_unet_ldm(paths["student"], merged_student_unet(trainer.roles),
+                                                        {**meta, "jdm.kind": "student"})
+        written["controlnet"] = model_io.save_controlnet_ldm(paths["controlnet"], trainer.roles.controlnet,
+                                                             {**meta, "jdm.kind": "controlnet"})
+        if cfg.phase == "joint" and cfg.student_lora_rank > 0:
+            state, alpha = student_lora_state(trainer.roles)
+            written["lora"] = model_io.save_state_dict(
+                paths["lora"], lora_to_comfyui(state, alpha),
+                model_io._metadata("student_lora", meta, {}))
+        for kind, path in written.items():
+            log.info("exported %s: %s", kind, path)
+    acc.wait_for_everyone()
+    return written
+
+
+def run(config: TrainConfig) -> int:
+    """Train from a validated config; the `jdm-train` entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    trainer = Trainer(config)
+    return trainer.train()

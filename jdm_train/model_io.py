@@ -1,0 +1,888 @@
+"""Reading and writing weight files: the only module that touches them.
+
+* `resolve_model` finds a name the way ComfyUI does (``<root>/models/<folder>/`` and
+  ``extra_model_paths.yaml``).
+* `load_sd1_checkpoint` turns an SD1.x single-file checkpoint (original LDM keys) into
+  diffusers / transformers modules offline; the architecture is read from the weights and
+  diffusers' own LDM->diffusers converters do the key mapping.
+* `save_unet_ldm`, `save_controlnet_ldm`, `save_sd1_checkpoint` write the reverse
+  (diffusers->LDM) layouts that ComfyUI's UNETLoader, ControlNetLoader and
+  CheckpointLoaderSimple read, as safetensors with ``jdm.*`` metadata, atomically.
+
+Pickled files (.ckpt/.pt/.pth/.bin) are refused unless ``allow_pickle=True``, and then
+loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# SD1.x UNets (and ComfyUI's SD15 model config) always use 8 attention heads.
+SD1_ATTENTION_HEADS = 8
+SD1_CONTEXT_DIM = 768
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+CONTROL_PREFIX = "control_model."
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+METADATA_KEYS = ("jdm.kind", "jdm.control", "jdm.timestep", "jdm.base", "jdm.config")
+# diffusers' ControlNet conditioning embedding that ComfyUI's cldm ControlNet hard-codes.
+CLDM_HINT_CHANNELS = (16, 32, 96, 256)
+
+# ComfyUI folder names -> subfolders of <root>/models and keys of extra_model_paths.yaml.
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("checkpoints",),
+    "unet": ("unet", "diffusion_models"),
+    "diffusion_models": ("unet", "diffusion_models"),
+    "controlnet": ("controlnet", "t2i_adapter"),
+    "vae": ("vae",),
+    "vae_approx": ("vae_approx",),
+    "loras": ("loras",),
+    "annotators": ("annotators",),
+}
+
+
+@dataclass
+class SD1Pipeline:
+    """The parts of an SD1.x checkpoint, as diffusers / transformers modules."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL (AutoencoderTiny for a TAESD-VAE checkpoint)
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler: Any  # diffusers.DDPMScheduler
+    path: Path
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def comfyui_roots(comfyui_root: str | os.PathLike | None = None) -> list[Path]:
+    """ComfyUI roots in search order: argument, ``COMFYUI_PATH``, the ComfyUI holding this pack."""
+    roots: list[Path] = []
+    for cand in (comfyui_root, os.environ.get("COMFYUI_PATH") or None, _enclosing_comfyui()):
+        if cand is not None:
+            p = Path(cand).expanduser().resolve()
+            if p not in roots:
+                roots.append(p)
+    return roots
+
+
+def _enclosing_comfyui() -> Path | None:
+    # this file is <root>/custom_nodes/<pack>/jdm_train/model_io.py when installed as a pack
+    here = Path(__file__).resolve()
+    if len(here.parents) > 3 and here.parents[2].name == "custom_nodes":
+        return here.parents[3]
+    return None
+
+
+def _extra_model_dirs(root: Path, keys: tuple[str, ...]) -> list[Path]:
+    """Folders for ``keys`` listed in ``<root>/extra_model_paths.yaml``.
+
+    Mirrors ComfyUI's ``utils/extra_config.py``: each section may have ``base_path``
+    (relative to the yaml's folder, ``~`` and ``$VARS`` expanded) and folder entries that
+    are newline-separated lists; without ``base_path`` relative entries are taken from
+    the yaml's folder.
+    """
+    yaml_path = root / "extra_model_paths.yaml"
+    if not yaml_path.is_file():
+        return []
+    import yaml
+
+    with open(yaml_path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    out: list[Path] = []
+    for conf in config.values():
+        if not isinstance(conf, dict):
+            continue
+        base = conf.get("base_path")
+        if base is not None:
+            base = os.path.expandvars(os.path.expanduser(str(base)))
+            if not os.path.isabs(base):
+                base = os.path.join(root, base)
+        for key, value in conf.items():
+            if key in ("base_path", "is_default") or key not in keys or value is None:
+                continue
+            for entry in str(value).split("\n"):
+                entry = entry.strip()
+                if not entry:
+                    continue
+                full = os.path.join(base, entry) if base else (
+                    entry if os.path.isabs(entry) else os.path.join(root, entry))
+                out.append(Path(os.path.normpath(full)))
+    return out
+
+
+def model_search_dirs(folder: str, comfyui_root: str | os.PathLike | None = None) -> list[Path]:
+    """All directories searched for ``folder`` (see `resolve_model`), in order."""
+    if folder not in MODEL_FOLDERS:
+        raise ValueError(f"unknown model folder {folder!r}; expected one of {sorted(MODEL_FOLDERS)}")
+    keys = MODEL_FOLDERS[folder]
+    dirs: list[Path] = []
+    for root in comfyui_roots(comfyui_root):
+        dirs += [root / "models" / k for k in keys]
+        dirs += _extra_model_dirs(root, keys)
+    return list(dict.fromkeys(dirs))
+
+
+def _inside(path: Path, dirs: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in dirs)
+
+
+def resolve_model(
+    name: str | os.PathLike,
+    folder: str,
+    comfyui_root: str | os.PathLike | None = None,
+    from_node: bool = False,
+) -> Path:
+    """Find a model file by ComfyUI name or by path.
+
+    ``name`` is looked up in ``<root>/models/<folder>/`` (``unet`` also searches
+    ``diffusion_models``) and in the ``extra_model_paths.yaml`` entries of each root,
+    where the roots are, in order: ``comfyui_root``, ``$COMFYUI_PATH``, the ComfyUI that
+    contains this pack. Otherwise a plain path (absolute or relative to the working
+    directory) is accepted. With ``from_node=True`` (names typed into a node) ``..`` and
+    paths outside the model folders are refused. Raises ValueError listing where it looked.
+    """
+    dirs = model_search_dirs(folder, comfyui_root)
+    raw = str(name)
+    if not raw.strip():
+        raise ValueError(f"empty model name for folder {folder!r}")
+    p = Path(raw).expanduser()
+    if from_node and ".." in Path(raw.replace("\\", "/")).parts:
+        raise ValueError(f"model name {raw!r} contains '..'; names from a node must stay inside the model folders")
+    if p.is_absolute():
+        rp = p.resolve()
+        if from_node and not _inside(rp, [d.resolve() for d in dirs]):
+            raise ValueError(
+                f"absolute path {raw!r} is outside the {folder} model folders "
+                f"{[str(d) for d in dirs]}; names from a node must stay inside them")
+        if rp.is_file():
+            return rp
+        raise ValueError(f"model file {raw!r} does not exist")
+    for d in dirs:
+        cand = (d / p).resolve()
+        if cand.is_file() and _inside(cand, [d.resolve()]):
+            return cand
+    if not from_node and p.is_file():
+        return p.resolve()
+    looked = [str(d) for d in dirs] + ([] if from_node else [f"{Path.cwd()} (working directory)"])
+    hint = "" if dirs else " (no ComfyUI root known: pass --comfyui-root or set COMFYUI_PATH)"
+    raise ValueError(f"{folder} model {raw!r} not found; looked in: {', '.join(looked)}{hint}")
+
+
+# --------------------------------------------------------------------------- raw files
+
+
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a weight file (tensors on CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file does not exist")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ValueError(
+                f"{path}: refusing to unpickle a {suffix} file (pickles can run code); convert it to "
+                ".safetensors, or opt in explicitly (allow_pickle=True / --allow-pickle) to load it "
+                "with torch.load(weights_only=True)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated archive, or objects weights_only refuses
+            raise ValueError(f"{path}: could not load pickled weights with weights_only=True: {e}") from e
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: found a {type(obj).__name__}; expected a dict of tensors")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {e}; "
+            f"expected a complete .safetensors file") from e
+    return sd, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The safetensors metadata of ``path`` (strings), with ``jdm.config`` decoded from JSON."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+    if "jdm.config" in meta:
+        try:
+            meta["jdm.config"] = json.loads(meta["jdm.config"])
+        except json.JSONDecodeError:
+            pass
+    return meta
+
+
+def _metadata(kind: str, metadata: Mapping[str, Any] | None, extra: Mapping[str, Any]) -> dict[str, str]:
+    meta = {"jdm.kind": kind, "jdm.control": "", "jdm.timestep": "", "jdm.base": "", "jdm.config": "{}"}
+    for k, v in {**(metadata or {}), **extra}.items():
+        if v is None:
+            continue
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return meta
+
+
+def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write safetensors atomically: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: exports are written as .safetensors; got suffix {path.suffix!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={str(k): str(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+# --------------------------------------------------------------------------- family checks
+
+
+def _describe(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Name a non-SD1 model family recognised from its keys, else None."""
+    keys = list(sd)
+    if any(("lora_up" in k or "lora_down" in k or "lora_A" in k or "lora_B" in k) for k in keys):
+        return "a LoRA (lora_up/lora_down or lora_A/lora_B keys)"
+    if any(k.startswith("conditioner.embedders") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
+        return "an SDXL checkpoint (conditioner.embedders / label_emb keys)"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "an SD2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.* keys)"
+    if any("zero_convs" in k or "controlnet_cond_embedding" in k or k.startswith(CONTROL_PREFIX) for k in keys):
+        return "a ControlNet"
+    return None
+
+
+def _context_dim(unet_sd: Mapping[str, torch.Tensor]) -> int | None:
+    for k, v in unet_sd.items():
+        if k.endswith("attn2.to_k.weight"):
+            return int(v.shape[1])
+    return None
+
+
+def _check_sd1_unet(unet_sd: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    ctx = _context_dim(unet_sd)
+    if ctx == 2048 or "label_emb.0.0.weight" in unet_sd:
+        raise ValueError(f"{path}: found an SDXL UNet (context dim {ctx}); expected an SD1.x {what} (context dim 768)")
+    if ctx == 1024:
+        raise ValueError(
+            f"{path}: found an SD2.x UNet (context dim 1024, usually v-prediction); "
+            f"expected an SD1.x {what} (context dim 768)")
+    needed = ["input_blocks.0.0.weight"] + ([] if what == "ControlNet" else ["out.2.weight"])
+    if any(k not in unet_sd for k in needed):
+        raise ValueError(f"{path}: found no LDM UNet keys ({', '.join(needed)}); expected an SD1.x {what}")
+
+
+def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- architecture from weights
+
+
+def infer_unet_config(unet_sd: Mapping[str, torch.Tensor], attention_heads: int = SD1_ATTENTION_HEADS) -> dict:
+    """diffusers ``UNet2DConditionModel`` config read off bare LDM UNet keys.
+
+    Levels, widths, res blocks per level, attention levels, transformer depths, context
+    dim and linear/conv projections come from the weights; the head count cannot (it does
+    not change any shape) and defaults to SD1's 8.
+    """
+    w = unet_sd["input_blocks.0.0.weight"]
+    levels: list[dict] = [{"res": 0, "ch": None, "depth": 0}]
+    i = 1
+    while True:
+        if f"input_blocks.{i}.0.op.weight" in unet_sd:
+            levels.append({"res": 0, "ch": None, "depth": 0})
+        elif f"input_blocks.{i}.0.in_layers.0.weight" in unet_sd:
+            lv = levels[-1]
+            lv["res"] += 1
+            lv["ch"] = int(unet_sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0])
+            depth = len({k.split(".")[4] for k in unet_sd if k.startswith(f"input_blocks.{i}.1.transformer_blocks.")})
+            lv["depth"] = max(lv["depth"], depth)
+        else:
+            break
+        i += 1
+    n = levels[0]["res"]
+    if n == 0 or any(lv["res"] != n or lv["ch"] is None for lv in levels):
+        raise ValueError(f"irregular UNet: res blocks per level {[lv['res'] for lv in levels]}")
+    if "middle_block.1.proj_in.weight" not in unet_sd:
+        raise ValueError("UNet has no cross-attention middle block (middle_block.1); not an SD1.x UNet")
+    mid_depth = len({k.split(".")[3] for k in unet_sd if k.startswith("middle_block.1.transformer_blocks.")})
+    depths = [lv["depth"] or 1 for lv in levels]
+    if levels[-1]["depth"] == 0:
+        depths[-1] = mid_depth  # diffusers takes the mid block depth from the last level
+    elif levels[-1]["depth"] != mid_depth:
+        raise ValueError(f"middle block depth {mid_depth} != last level depth {levels[-1]['depth']}")
+    down = ["CrossAttnDownBlock2D" if lv["depth"] else "DownBlock2D" for lv in levels]
+    up = ["CrossAttnUpBlock2D" if lv["depth"] else "UpBlock2D" for lv in reversed(levels)]
+    return {
+        "sample_size": 64,
+        "in_channels": int(w.shape[1]),
+        "out_channels": int(unet_sd["out.2.weight"].shape[0]) if "out.2.weight" in unet_sd else int(w.shape[1]),
+        "down_block_types": down,
+        "up_block_types": up,
+        "block_out_channels": [lv["ch"] for lv in levels],
+        "layers_per_block": n,
+        "cross_attention_dim": _context_dim(unet_sd),
+        "attention_head_dim": attention_heads,
+        "use_linear_projection": unet_sd["middle_block.1.proj_in.weight"].ndim == 2,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
+    }
+
+
+def infer_vae_config(vae_sd: Mapping[str, torch.Tensor]) -> dict:
+    """diffusers ``AutoencoderKL`` config read off bare LDM VAE keys (``encoder.*``, ``decoder.*``)."""
+    ch = int(vae_sd["encoder.conv_in.weight"].shape[0])
+    nlev = len({k.split(".")[2] for k in vae_sd if k.startswith("encoder.down.")})
+    nres = len({k.split(".")[4] for k in vae_sd if k.startswith("encoder.down.0.block.")})
+    widths = [int(vae_sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in range(nlev)]
+    return {
+        "sample_size": 512,
+        "in_channels": int(vae_sd["encoder.conv_in.weight"].shape[1]),
+        "out_channels": int(vae_sd["decoder.conv_out.weight"].shape[0]),
+        "down_block_types": ["DownEncoderBlock2D"] * nlev,
+        "up_block_types": ["UpDecoderBlock2D"] * nlev,
+        "block_out_channels": widths if widths[0] == ch else [ch] + widths[1:],
+        "latent_channels": int(vae_sd["decoder.conv_in.weight"].shape[1]),
+        "layers_per_block": nres,
+        "scaling_factor": 0.18215,
+    }
+
+
+def clip_heads_for(hidden: int) -> int:
+    """Head count for a CLIP text encoder of width ``hidden``.
+
+    CLIP-L (768) and OpenCLIP use 64-dim heads; widths below 64 (test models) get one head.
+    A ``jdm.text_heads`` metadata entry, written by `save_sd1_checkpoint`, overrides this.
+    """
+    return max(1, hidden // 64) if hidden % 64 == 0 else 1
+
+
+def infer_clip_config(clip_sd: Mapping[str, torch.Tensor], heads: int | None = None) -> dict:
+    """transformers ``CLIPTextConfig`` kwargs read off ``text_model.*`` keys."""
+    tok = clip_sd["text_model.embeddings.token_embedding.weight"]
+    pos = clip_sd["text_model.embeddings.position_embedding.weight"]
+    layers = len({k.split(".")[3] for k in clip_sd if k.startswith("text_model.encoder.layers.")})
+    hidden = int(tok.shape[1])
+    cfg = json.loads((CONFIG_DIR / "clip_l_text_config.json").read_text())
+    cfg.update(
+        vocab_size=int(tok.shape[0]), hidden_size=hidden, max_position_embeddings=int(pos.shape[0]),
+        num_hidden_layers=layers, num_attention_heads=heads or clip_heads_for(hidden),
+        intermediate_size=int(clip_sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        projection_dim=hidden)
+    cfg.pop("model_type", None)
+    return cfg
+
+
+# --------------------------------------------------------------------------- building modules
+
+
+def _load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load every tensor and fail loudly on anything missing, unexpected or misshapen."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise ValueError(
+            f"{path}: {what} weights do not match the inferred architecture: "
+            f"{len(set(own) & set(sd))}/{len(own)} keys loaded; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {bad[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def _finish(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def build_unet(unet_sd: Mapping[str, torch.Tensor], path: Path, config: dict | None = None, device=None, dtype=None):
+    """A diffusers UNet from bare LDM UNet keys, converted by diffusers' own converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = dict(config or infer_unet_config(unet_sd))
+    converted = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet_sd.items()}, config)
+    unet = UNet2DConditionModel(**config)
+    _load_strict(unet, converted, path, "UNet")
+    return _finish(unet, device, dtype)
+
+
+def build_vae(vae_sd: Mapping[str, torch.Tensor], path: Path, device=None, dtype=None):
+    """AutoencoderKL from LDM VAE keys, or AutoencoderTiny from a TAESD-shaped VAE."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if any(k.startswith("taesd_decoder.") for k in vae_sd):
+        vae = AutoencoderTiny(latent_channels=int(vae_sd["taesd_decoder.1.weight"].shape[1]))
+        _load_strict(vae, taesd_to_diffusers(vae_sd), path, "TAESD VAE")
+        return _finish(vae, device, dtype)
+    if "encoder.conv_in.weight" not in vae_sd:
+        raise ValueError(f"{path}: found no VAE (first_stage_model.encoder.*); expected an SD1.x checkpoint with its VAE")
+    config = infer_vae_config(vae_sd)
+    converted = convert_ldm_vae_checkpoint(vae_sd, config)
+    vae = AutoencoderKL(**config)
+    _load_strict(vae, converted, path, "VAE")
+    return _finish(vae, device, dtype)
+
+
+def build_text_encoder(clip_sd: Mapping[str, torch.Tensor], path: Path, heads: int | None = None, device=None, dtype=None):
+    """transformers CLIPTextModel from ``text_model.*`` keys.
+
+    transformers 5 dropped the ``text_model.`` level from CLIPTextModel, so the prefix is
+    matched to whatever the installed version expects before a strict load.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip_sd = {k: v for k, v in clip_sd.items() if not k.endswith("position_ids")}
+    model = CLIPTextModel(CLIPTextConfig(**infer_clip_config(clip_sd, heads)))
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        clip_sd = {k.removeprefix("text_model."): v for k, v in clip_sd.items()}
+    _load_strict(model, clip_sd, path, "CLIP text encoder")
+    return _finish(model, device, dtype)
+
+
+def load_scheduler():
+    """The SD1.5 training schedule as a diffusers DDPMScheduler (shipped config, offline)."""
+    from diffusers import DDPMScheduler
+
+    cfg = json.loads((CONFIG_DIR / "sd15_scheduler.json").read_text())
+    cfg.pop("_class_name", None)
+    return DDPMScheduler(**cfg)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2 / CLIP reversible byte->unicode table (same as openai-clip's simple_tokenizer)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _make_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    from transformers import CLIPTokenizer
+
+    # vocab=/merges= objects, not vocab_file=/merges_file= paths: in transformers 5 the
+    # path form silently builds an empty BPE that maps every word to <unk>.
+    eot = "<|endoftext|>"
+    return CLIPTokenizer(vocab=vocab, merges=merges, unk_token=eot, bos_token="<|startoftext|>",
+                         eos_token=eot, pad_token=eot, model_max_length=77)
+
+
+def _tokenizer_from_folder(folder: Path):
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    return _make_tokenizer(vocab, merges)
+
+
+def openai_clip_bpe_path() -> Path | None:
+    """The BPE file shipped by ``openai-clip`` (found without importing ``clip``, which needs pkg_resources)."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    return p if p.is_file() else None
+
+
+def _tokenizer_from_bpe(bpe: Path):
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    base = list(_bytes_to_unicode().values())
+    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return _make_tokenizer({t: i for i, t in enumerate(tokens)}, merges)
+
+
+def load_tokenizer(checkpoint_path: str | os.PathLike | None = None, comfyui_root: str | os.PathLike | None = None):
+    """CLIP tokenizer, offline, from the first that exists: ``tokenizer/`` beside the
+    checkpoint, ComfyUI's ``comfy/sd1_tokenizer``, the BPE vocabulary of ``openai-clip``."""
+    candidates = []
+    if checkpoint_path is not None:
+        candidates.append(Path(checkpoint_path).parent / "tokenizer")
+    candidates += [root / "comfy" / "sd1_tokenizer" for root in comfyui_roots(comfyui_root)]
+    for folder in candidates:
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return _tokenizer_from_folder(folder)
+    bpe = openai_clip_bpe_path()
+    if bpe is None:
+        raise ValueError(
+            f"no CLIP tokenizer found: looked in {[str(c) for c in candidates]} and for the "
+            "openai-clip package (pip install openai-clip)")
+    return _tokenizer_from_bpe(bpe)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_sd1_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                        allow_pickle: bool = False, comfyui_root: str | os.PathLike | None = None) -> SD1Pipeline:
+    """Load an SD1.x single-file checkpoint (LDM keys) offline into diffusers modules.
+
+    Expects ``model.diffusion_model.*``, ``first_stage_model.*`` and
+    ``cond_stage_model.transformer.*``; the architecture of each part is read from the
+    weights, so full-size SD1.5 and tiny test checkpoints take the same path. Modules come
+    back in eval mode with ``requires_grad=False``.
+    """
+    path = Path(path)
+    sd, meta = read_state_dict(path, allow_pickle)
+    expected = "expected an SD1.x single-file checkpoint (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*)"
+    family = _describe(sd)
+    if family:
+        raise ValueError(f"{path}: found {family}; {expected}")
+    unet_sd = _strip(sd, UNET_PREFIX)
+    if not unet_sd:
+        if "input_blocks.0.0.weight" in sd:
+            raise ValueError(f"{path}: found a UNet-only file (bare LDM UNet keys); {expected}. Load it with load_unet, or pass it as a UNet/student")
+        if "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd):
+            raise ValueError(f"{path}: found a diffusers-layout UNet; {expected}")
+        raise ValueError(f"{path}: found no model.diffusion_model.* keys; {expected}")
+    _check_sd1_unet(unet_sd, path, "checkpoint")
+    clip_sd = convert_clip_keys(sd)
+    if not any(k.startswith(VAE_PREFIX) for k in sd) or not clip_sd:
+        missing = [p for p, ok in ((VAE_PREFIX, any(k.startswith(VAE_PREFIX) for k in sd)), (CLIP_PREFIX, bool(clip_sd))) if not ok]
+        raise ValueError(f"{path}: found a UNet-only checkpoint (no {' / '.join(missing)} keys); {expected}")
+    heads = int(meta["jdm.text_heads"]) if "jdm.text_heads" in meta else None
+    unet_heads = int(meta.get("jdm.unet_heads", SD1_ATTENTION_HEADS))
+    return SD1Pipeline(
+        unet=build_unet(unet_sd, path, infer_unet_config(unet_sd, unet_heads), device, dtype),
+        vae=build_vae(_strip(sd, VAE_PREFIX), path, device, dtype),
+        text_encoder=build_text_encoder(clip_sd, path, heads, device, dtype),
+        tokenizer=load_tokenizer(path, comfyui_root),
+        scheduler=load_scheduler(),
+        path=path,
+    )
+
+
+def convert_clip_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``text_model.*`` keys of the CLIP-L encoder in an LDM checkpoint (diffusers' converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    return convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)})
+
+
+def load_unet(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, allow_pickle: bool = False):
+    """A diffusers UNet from an LDM-layout file (bare keys, or ``model.diffusion_model.*``
+    as in a checkpoint or our `save_unet_ldm` export), as ComfyUI's UNETLoader reads it."""
+    path = Path(path)
+    sd, meta = read_state_dict(path, allow_pickle)
+    family = _describe(sd)
+    if family:
+        raise ValueError(f"{path}: found {family}; expected an SD1.x UNet in LDM layout")
+    unet_sd = _strip(sd, UNET_PREFIX) or sd
+    _check_sd1_unet(unet_sd, path, "UNet")
+    config = json.loads(meta["jdm.unet_config"]) if "jdm.unet_config" in meta else None
+    return build_unet(unet_sd, path, config, device, dtype)
+
+
+def load_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, allow_pickle: bool = False):
+    """A diffusers ControlNetModel from a cldm/LDM file (``control_model.*`` or bare
+    ``zero_convs.*``, including our exports) or a diffusers-layout file."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    path = Path(path)
+    sd, meta = read_state_dict(path, allow_pickle)
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        sd = controlnet_diffusers_to_ldm(sd)
+    cn_sd = _strip(sd, CONTROL_PREFIX) or sd
+    if "zero_convs.0.0.weight" not in cn_sd or "input_hint_block.0.weight" not in cn_sd:
+        family = _describe(sd) if not any("zero_convs" in k for k in sd) else None
+        raise ValueError(f"{path}: found {family if family and 'ControlNet' not in family else 'no ControlNet keys (zero_convs, input_hint_block)'}; expected an SD1.x ControlNet")
+    _check_sd1_unet(cn_sd, path, "ControlNet")
+    ucfg = infer_unet_config(cn_sd, int(meta.get("jdm.unet_heads", SD1_ATTENTION_HEADS)))
+    convs = sorted(int(k.split(".")[1]) for k in cn_sd if re.fullmatch(r"input_hint_block\.\d+\.weight", k))
+    blocks = convs[1:-1]
+    # conv_in, then pairs of (same-width conv, strided conv to the next width)
+    hint = [int(cn_sd["input_hint_block.0.weight"].shape[0])] + [
+        int(cn_sd[f"input_hint_block.{b}.weight"].shape[0]) for b in blocks[1::2]]
+    config = {k: ucfg[k] for k in ("in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+                                   "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+                                   "transformer_layers_per_block")}
+    config["conditioning_channels"] = int(cn_sd["input_hint_block.0.weight"].shape[1])
+    config["conditioning_embedding_out_channels"] = tuple(hint)
+    converted = convert_controlnet_checkpoint(cn_sd, config)
+    model = ControlNetModel(**config)
+    _load_strict(model, converted, path, "ControlNet")
+    return _finish(model, device, dtype)
+
+
+# --------------------------------------------------------------------------- diffusers -> LDM
+# diffusers ships only LDM->diffusers converters; these are their inverses, checked by
+# round trip through diffusers' own converters in tests/test_model_io.py.
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                  "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_TOP_TO_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_RESNET_TO_LDM.get(head, head)}.{tail}"
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def _down_mid_to_ldm(k: str, n: int) -> str | None:
+    """LDM key of a diffusers down-block / mid-block / stem key (shared by UNet and ControlNet)."""
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = 1 + i * (n + 1) + j
+        return f"input_blocks.{idx}.0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+        return f"input_blocks.{1 + int(m[1]) * (n + 1) + n}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", k):
+        return f"middle_block.{2 * int(m[1])}.{_resnet_to_ldm(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", k):
+        return f"middle_block.1.{m[1]}"
+    head, _, param = k.rpartition(".")
+    if head in _UNET_TOP_TO_LDM and head != "conv_norm_out" and head != "conv_out":
+        return f"{_UNET_TOP_TO_LDM[head]}.{param}"
+    return None
+
+
+def unet_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare LDM UNet keys (``input_blocks.*``, ...) from a diffusers UNet2DConditionModel state dict."""
+    n = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
+    up_attn = {int(k.split(".")[1]) for k in sd if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        new = _down_mid_to_ldm(k, n)
+        if new is None:
+            if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+                i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+                idx = i * (n + 1) + j
+                new = f"output_blocks.{idx}.0.{_resnet_to_ldm(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+            elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+                i = int(m[1])
+                new = f"output_blocks.{i * (n + 1) + n}.{2 if i in up_attn else 1}.conv.{m[2]}"
+            elif k.rpartition(".")[0] in ("conv_norm_out", "conv_out"):
+                head, _, param = k.rpartition(".")
+                new = f"{_UNET_TOP_TO_LDM[head]}.{param}"
+            else:
+                raise ValueError(f"UNet key {k!r} has no SD1.x LDM equivalent (class/addition embeddings are not SD1.x)")
+        out[new] = v
+    return out
+
+
+def controlnet_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """cldm keys (``control_model.*``: input_hint_block, zero_convs, middle_block_out) from a
+    diffusers ControlNetModel state dict."""
+    n = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
+    nb = _count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        new = _down_mid_to_ldm(k, n)
+        if new is None:
+            if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", k):
+                new = f"zero_convs.{m[1]}.0.{m[2]}"
+            elif m := re.fullmatch(r"controlnet_mid_block\.(.+)", k):
+                new = f"middle_block_out.0.{m[1]}"
+            elif m := re.fullmatch(r"controlnet_cond_embedding\.conv_in\.(.+)", k):
+                new = f"input_hint_block.0.{m[1]}"
+            elif m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", k):
+                new = f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+            elif m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(.+)", k):
+                new = f"input_hint_block.{2 * (nb + 1)}.{m[1]}"
+            else:
+                raise ValueError(f"ControlNet key {k!r} has no SD1.x cldm equivalent")
+        out[CONTROL_PREFIX + new] = v
+    return out
+
+
+_VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare LDM VAE keys (``encoder.down.*``, ``decoder.up.*``, ...) from a diffusers AutoencoderKL
+    state dict; attention projections become 1x1 convs as in the original checkpoints."""
+    nlev = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        new = None
+        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+            new = f"decoder.up.{nlev - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+            new = f"decoder.up.{nlev - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", k):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", k):
+            new = f"{m[1]}.mid.attn_1.{_VAE_ATTN_TO_LDM[m[2]]}.{m[3]}"
+            if m[2] != "group_norm" and v.ndim == 2:
+                v = v[:, :, None, None]
+        elif m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", k):
+            new = f"{m[1]}.norm_out.{m[2]}"
+        elif re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(.+)|(post_)?quant_conv\.(.+)", k):
+            new = k
+        else:
+            raise ValueError(f"VAE key {k!r} has no LDM equivalent")
+        if "nin_shortcut" not in new:
+            new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        out[new] = v
+    return out
+
+
+def taesd_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderTiny keys from ComfyUI's TAESD (``taesd_encoder.*``, ``taesd_decoder.*``).
+
+    ComfyUI's decoder starts with a parameter-free Clamp module, so its indices are one
+    above diffusers' ``decoder.layers``.
+    """
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("taesd_encoder."):
+            out["encoder.layers." + k[len("taesd_encoder."):]] = v
+        elif k.startswith("taesd_decoder."):
+            idx, _, rest = k[len("taesd_decoder."):].partition(".")
+            out[f"decoder.layers.{int(idx) - 1}.{rest}"] = v
+    return out
+
+
+def taesd_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `taesd_to_diffusers`, plus ComfyUI's ``vae_scale``/``vae_shift`` set for SD1 latents."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("encoder.layers."):
+            out["taesd_encoder." + k[len("encoder.layers."):]] = v
+        elif k.startswith("decoder.layers."):
+            idx, _, rest = k[len("decoder.layers."):].partition(".")
+            out[f"taesd_decoder.{int(idx) + 1}.{rest}"] = v
+        else:
+            raise ValueError(f"AutoencoderTiny key {k!r} has no TAESD equivalent")
+    # ComfyUI hands TAESD unscaled latents; TAESD works on latents scaled by 0.18215
+    out["vae_scale"] = torch.tensor(0.18215)
+    out["vae_shift"] = torch.tensor(0.0)
+    return out
+
+
+def clip_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``cond_stage_model.transformer.text_model.*`` keys from a CLIPTextModel state dict
+    (with or without transformers 4's ``text_model.`` level)."""
+    return {CLIP_PREFIX + "text_model." + k.removeprefix("text_model."): v
+            for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def _unet_config_json(unet) -> str:
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _check_unet_exportable(unet) -> None:
+    cfg = unet.config
+    bad = {k: cfg.get(k) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim")
+           if cfg.get(k) is not None}
+    if bad:
+        raise ValueError(f"UNet config {bad} has no SD1.x LDM layout; expected a plain SD1.x UNet2DConditionModel")
+
+
+def save_unet_ldm(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None,
+                  prefix: str = UNET_PREFIX, dtype: torch.dtype | None = None) -> Path:
+    """Export a diffusers UNet in LDM layout for ComfyUI's "Load Diffusion Model" (UNETLoader).
+
+    Keys get ``prefix`` (``model.diffusion_model.`` by default; UNETLoader strips it, and
+    ``prefix=""`` writes bare keys). Metadata: ``jdm.kind`` (default "student"),
+    ``jdm.control``, ``jdm.timestep``, ``jdm.base``, ``jdm.config`` (JSON) and
+    ``jdm.unet_config`` (the diffusers config, so `load_unet` rebuilds it exactly).
+    """
+    _check_unet_exportable(unet)
+    sd = {prefix + k: (v.to(dtype) if dtype else v) for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
+    meta = _metadata("student", metadata, {"jdm.unet_config": _unet_config_json(unet),
+                                           "jdm.unet_heads": str(_heads(unet))})
+    return save_state_dict(path, sd, meta)
+
+
+def _heads(model) -> int:
+    h = model.config.attention_head_dim
+    return int(h if isinstance(h, int) else h[0])
+
+
+def save_controlnet_ldm(path: str | os.PathLike, controlnet, metadata: Mapping[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Export a diffusers ControlNetModel in the cldm layout (``control_model.*``) that
+    ComfyUI's ControlNetLoader reads at any width. Metadata as in `save_unet_ldm`
+    (``jdm.kind`` defaults to "controlnet")."""
+    emb = tuple(controlnet.config.conditioning_embedding_out_channels)
+    if emb != CLDM_HINT_CHANNELS:
+        raise ValueError(
+            f"ControlNet conditioning_embedding_out_channels={emb}: ComfyUI's cldm ControlNet "
+            f"hard-codes {CLDM_HINT_CHANNELS}; expected that")
+    sd = {k: (v.to(dtype) if dtype else v) for k, v in controlnet_diffusers_to_ldm(controlnet.state_dict()).items()}
+    return save_state_dict(path, sd, _metadata("controlnet", metadata, {"jdm.unet_heads": str(_heads(controlnet))}))
+
+
+def save_sd1_checkpoint(path: str | os.PathLike, unet, vae, text_encoder, metadata: Mapping[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Export a single-file SD1.x checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.transformer.*``) for ComfyUI's CheckpointLoaderSimple and
+    `load_sd1_checkpoint`. ``vae`` may be an AutoencoderKL or a TAESD-shaped AutoencoderTiny."""
+    _check_unet_exportable(unet)
+    vae_sd = vae.state_dict()
+    if any(k.startswith("encoder.layers.") for k in vae_sd):
+        vae_ldm = taesd_from_diffusers(vae_sd)
+    else:
+        vae_ldm = vae_diffusers_to_ldm(vae_sd)
+    sd = {UNET_PREFIX + k: v for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
+    sd.update({VAE_PREFIX + k: v for k, v in vae_ldm.items()})
+    sd.update(clip_diffusers_to_ldm(text_encoder.state_dict()))
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    extra = {"jdm.text_heads": str(text_encoder.config.num_attention_heads), "jdm.unet_heads": str(_heads(unet))}
+    return save_state_dict(path, sd, _metadata("checkpoint", metadata, extra))

@@ -21,10 +21,15 @@ import torch
 
 from .base import DISTANCES, Extractor, Param
 from .canny import Canny, canny_edges, hysteresis, soft_canny
+from .depth import Depth, load_depth
+from .hed import HED, HEDNetwork, load_hed
 from .lowres import LowRes, lowres_area, lowres_nearest
+from .weights import MissingWeightsError, annotator_dirs, clear_cache
 
 EXTRACTORS: dict[str, type[Extractor]] = {
     "canny": Canny,
+    "hed": HED,
+    "depth": Depth,
     "lowres": LowRes,
 }
 
@@ -60,9 +65,17 @@ __all__ = [
     "DISTANCES",
     "EXTRACTORS",
     "Canny",
+    "Depth",
     "Extractor",
+    "HED",
+    "HEDNetwork",
     "LowRes",
+    "MissingWeightsError",
     "Param",
+    "annotator_dirs",
+    "clear_cache",
+    "load_depth",
+    "load_hed",
     "canny_edges",
     "extractor_names",
     "extractor_params",

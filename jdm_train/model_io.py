@@ -83,10 +83,11 @@ def comfyui_roots(comfyui_root: str | os.PathLike | None = None) -> list[Path]:
 
 
 def _enclosing_comfyui() -> Path | None:
-    # this file is <root>/custom_nodes/<pack>/jdm_train/model_io.py when installed as a pack
-    here = Path(__file__).resolve()
-    if len(here.parents) > 3 and here.parents[2].name == "custom_nodes":
-        return here.parents[3]
+    # this file is <root>/custom_nodes/<pack>/jdm_train/model_io.py when installed as a
+    # pack; the unresolved path first, since packs are often symlinked into custom_nodes
+    for here in (Path(os.path.abspath(__file__)), Path(__file__).resolve()):
+        if len(here.parents) > 3 and here.parents[2].name == "custom_nodes":
+            return here.parents[3]
     return None
 
 

@@ -104,6 +104,14 @@ def load_taesd_decoder(path: Path, device, dtype=None):
     return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
+def _has_accelerator() -> bool:
+    # Without a GPU/MPS/XPU device accelerate must be told "cpu" to join a multi-process (gloo) run.
+    api = getattr(torch, "accelerator", None)
+    if api is not None and hasattr(api, "is_available"):
+        return bool(api.is_available())
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
@@ -119,7 +127,7 @@ class Trainer:
         self.config = config.validate()
         self.output_dir = default_output_dir(config)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, cpu=config.cpu,
+            mixed_precision=config.mixed_precision, cpu=config.cpu or not _has_accelerator(),
             log_with=None if config.report_to is None else config.report_to, project_dir=str(self.output_dir))
         acc = self.accelerator
         self.device = acc.device
@@ -174,6 +182,8 @@ class Trainer:
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
                                 acc.num_processes)
         self.optimizers = self._build_optimizers()
+        log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
+                 len(self.dataset))
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -526,6 +536,22 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
     return path
 
 
+def replica_digests(trainer: Trainer) -> list[str]:
+    """sha256 of every trained tensor, one per process: replicas that drifted apart are an error."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    h = hashlib.sha256()
+    for key, value in sorted(trainer.roles.trainable_state().items()):
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    digests = gather_object([h.hexdigest()]) if trainer.accelerator.num_processes > 1 else [h.hexdigest()]
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"step {trainer.step}: the {len(digests)} replicas hold different weights ({digests})")
+    return digests
+
+
 def save_checkpoint(trainer: Trainer) -> Path:
     """`checkpoint-N/`: trained weights (safetensors), optimizers + RNG (accelerate), step and config.
 
@@ -538,11 +564,13 @@ def save_checkpoint(trainer: Trainer) -> Path:
         trainer.output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
+    digests = replica_digests(trainer)
     acc.save_state(str(tmp))
     if acc.is_main_process:
         model_io.save_state_dict(tmp / "trainable.safetensors", trainer.roles.trainable_state(),
                                  {"jdm.kind": "trainer_checkpoint", "jdm.config": trainer.config.to_json()})
-        state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict()}
+        state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict(),
+                 "num_processes": acc.num_processes, "replica_digests": digests}
         _atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1, sort_keys=True).encode())
         if final.exists():
             shutil.rmtree(final)

@@ -1,0 +1,188 @@
+"""The demo world's feature network: a small CNN trained on the procedural shapes.
+
+It plays two roles that Inception / CLIP play for real images:
+- FID features: the 64-d penultimate activations (`ShapeNet.features`), on which
+  `jdm_train.evaluate` computes the Frechet distance. This is a feature network of the
+  demo world only, trained here on that world (`python -m jdm_train.demo.features`); its
+  FIDs are not comparable to Inception FIDs.
+- A caption checker: heads for the background colour and for which (colour, shape) objects
+  are present, so that "do the teacher's samples follow their captions" is a number
+  (`caption_agreement`).
+
+Training uses mild blur and noise so that generated (slightly soft) images are judged by
+what they show rather than by their sharpness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from jdm_train.demo import FEATURES_PATH as ASSET
+from jdm_train.demo import data
+
+OBJECTS = tuple((c, k) for c in sorted(data.COLOURS) for k in data.SHAPES)
+BACKGROUND_NAMES = tuple(sorted(data.BACKGROUNDS))
+FEATURE_DIM = 64
+
+_CAPTION = re.compile(
+    r"^a (\w+) (\w+)(?: (above|below|to the left of|to the right of) a (\w+) (\w+))? on a (\w+) background$")
+
+
+def parse_caption(caption: str) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(background, [(colour, shape), ...], relation) of a demo-world caption."""
+    m = _CAPTION.match(caption.strip())
+    if m is None:
+        raise ValueError(f"not a demo-world caption: {caption!r}; expected e.g. 'a red circle above a blue square on a grey background'")
+    c0, k0, rel, c1, k1, bg = m.groups()
+    objs = [(c0, k0)] + ([(c1, k1)] if rel else [])
+    for c, k in objs:
+        if c not in data.COLOURS or k not in data.SHAPES:
+            raise ValueError(f"unknown object '{c} {k}' in caption {caption!r}")
+    if bg not in data.BACKGROUNDS:
+        raise ValueError(f"unknown background {bg!r} in caption {caption!r}")
+    return bg, objs, rel
+
+
+def caption_targets(captions: list[str]) -> tuple[Tensor, Tensor]:
+    """Background class (B,) and object presence (B, len(OBJECTS)) in {0, 1}."""
+    bgs, objs = [], torch.zeros(len(captions), len(OBJECTS))
+    for i, cap in enumerate(captions):
+        bg, present, _ = parse_caption(cap)
+        bgs.append(BACKGROUND_NAMES.index(bg))
+        for o in present:
+            objs[i, OBJECTS.index(o)] = 1.0
+    return torch.tensor(bgs), objs
+
+
+class ShapeNet(nn.Module):
+    """64x64 RGB in [0, 1] -> 64-d features -> background logits (4) and object logits (18)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.SiLU(),          # 32
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.SiLU(),      # 16
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.SiLU(),  # 8
+            nn.Conv2d(2 * w, FEATURE_DIM, 3, stride=2, padding=1), nn.SiLU(),  # 4
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.background = nn.Linear(FEATURE_DIM, len(BACKGROUND_NAMES))
+        self.objects = nn.Linear(FEATURE_DIM, len(OBJECTS))
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 64). Other sizes are resized to 64x64 first."""
+        if images.shape[-2:] != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+            images = F.interpolate(images, size=(data.IMAGE_SIZE, data.IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return self.body(images * 2 - 1)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(images)
+        return self.background(f), self.objects(f)
+
+
+def load_feature_net(path: str | Path | None = None, device=None) -> ShapeNet:
+    """The shipped (or given) feature network, in eval mode without gradients."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else ASSET
+    if not path.is_file():
+        raise ValueError(f"feature network {path} not found; train it with `python -m jdm_train.demo.features --out {path}`")
+    net = ShapeNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.to(device or "cpu").eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def caption_agreement(net: ShapeNet, images: Tensor, captions: list[str]) -> dict[str, float]:
+    """How often images (B, 3, 64, 64) show what their captions say, as judged by `net`.
+
+    - `background`: predicted background class equals the caption's.
+    - `objects`: the top-n predicted objects are exactly the caption's n (colour, shape) objects.
+    - `all`: both. Chance levels are 1/4, about 1/18 (one object) and 1/153 (two), and their product.
+    """
+    bg_t, obj_t = caption_targets(captions)
+    bg_logits, obj_logits = net(images.float())
+    bg_ok = bg_logits.argmax(1) == bg_t
+    obj_ok = torch.zeros_like(bg_ok)
+    for i in range(len(captions)):
+        n = int(obj_t[i].sum())
+        top = set(obj_logits[i].topk(n).indices.tolist())
+        obj_ok[i] = top == set(obj_t[i].nonzero().flatten().tolist())
+    return {"background": bg_ok.float().mean().item(), "objects": obj_ok.float().mean().item(),
+            "all": (bg_ok & obj_ok).float().mean().item()}
+
+
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random blur and noise, so generated images are judged by content, not sharpness."""
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=gen) * 1.2
+    k = torch.arange(-3, 4, dtype=x.dtype)
+    ker = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    ker = ker / ker.sum(1, keepdim=True)  # (B, 7)
+    xs = x.reshape(1, b * 3, *x.shape[-2:])
+    kh = ker.repeat_interleave(3, 0)[:, None, None, :]
+    xs = F.conv2d(F.pad(xs, (3, 3, 0, 0), mode="replicate"), kh, groups=b * 3)
+    xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="replicate"), kh.transpose(-1, -2), groups=b * 3)
+    x = xs.reshape_as(x)
+    noise = torch.randn(x.shape, generator=gen) * (torch.rand(b, 1, 1, 1, generator=gen) * 0.05)
+    return (x + noise).clamp(0, 1)
+
+
+def train_feature_net(n_train: int = 10000, steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0, log=print) -> ShapeNet:
+    """Cross-entropy on the background and binary cross-entropy on object presence."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    imgs, caps = data.batch(range(data.TRAIN_START, data.TRAIN_START + n_train))
+    bg_t, obj_t = caption_targets(caps)
+    net = ShapeNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (batch,), generator=gen)
+        bg_logits, obj_logits = net(_augment(imgs[idx], gen))
+        loss = F.cross_entropy(bg_logits, bg_t[idx]) + F.binary_cross_entropy_with_logits(obj_logits, obj_t[idx]) * len(OBJECTS) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"features step {step}/{steps} loss {loss.item():.4f}")
+    return net.eval().requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jdm_train.demo.features", description="Train the demo world's feature network.")
+    p.add_argument("--out", type=Path, default=ASSET, help="safetensors file to write")
+    p.add_argument("--n-train", type=int, default=10000, help="training images (indices from TRAIN_START)")
+    p.add_argument("--steps", type=int, default=1500, help="optimisation steps")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    net = train_feature_net(args.n_train, args.steps, seed=args.seed)
+    imgs, caps = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + 1000))
+    print(f"held-out agreement on real images: {caption_agreement(net, imgs, caps)} ({time.time() - t0:.0f}s)")
+    from safetensors.torch import save_file
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"jdm.kind": "demo_features", "jdm.train_command": "python -m jdm_train.demo.features " + " ".join(argv or [])})
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

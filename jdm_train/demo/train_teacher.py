@@ -1,0 +1,373 @@
+"""Train the demo world's tiny SD1.x teacher: `python -m jdm_train.demo.train_teacher`.
+
+The teacher is the SD1.x architecture at small width, trained from scratch on
+`jdm_train.demo.data` in two stages, as latent diffusion is:
+
+1. VAE (`AutoencoderKL`, 4 levels as SD's: 64x64x3 pixels <-> 8x8x4 latents, the same
+   48x compression and factor 8 as SD1.x, so ControlNet hint encoders and latent sizes work
+   unchanged) on random 48x48 crops (the VAE is convolutional; crops make a step cheaper),
+   L1 + L2 + SD's small KL. Its
+   latent scale is then folded into `quant_conv`/`post_quant_conv` so that SD's own
+   `scaling_factor` 0.18215 gives unit-variance latents, as every SD1.x consumer assumes.
+2. UNet (`UNet2DConditionModel`, eps-prediction on the SD1.5 DDPM schedule, cross-attention)
+   jointly with a small `CLIPTextModel` over the real CLIP tokenizer (vocab 49408), on
+   cached latents, with 10% caption dropout so that classifier-free guidance works.
+
+Stages cache their results in `--work`, so an interrupted run resumes. The result is written
+in the single-file SD1.x (LDM) layout by `jdm_train.model_io.save_sd1_checkpoint`, in fp16,
+together with a sample grid of held-out captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jdm_train.demo import data
+from jdm_train.demo.sample import cfg_unet_denoiser, ddim_sample
+from jdm_train.schedule import NoiseSchedule
+
+SD_SCALING_FACTOR = 0.18215
+MAX_TOKENS = 77
+LATENT_SIZE = 8  # 64 px / 8: the VAE has 4 levels (see the module docstring)
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=SD_SCALING_FACTOR,
+)
+# Widths are multiples of 32 because SD1.x consumers (ComfyUI's LDM modules) hard-code GroupNorm(32).
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(64, 64, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=8,  # SD1's 8 heads: what model I/O and ComfyUI assume
+    norm_num_groups=32,
+)
+# The 49408-row token embedding dominates the size: hidden 64 keeps it at 6.3 MB in fp16.
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=1,
+    max_position_embeddings=MAX_TOKENS,
+    # One 64-wide head: what model I/O infers for a 64-wide encoder (clip_heads_for), as CLIP-L's 64-dim heads.
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
+
+def build_models() -> tuple:
+    """Freshly initialised (unet, vae, text_encoder) of the demo teacher's architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return UNet2DConditionModel(**UNET_CONFIG), AutoencoderKL(**VAE_CONFIG), CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+
+
+def clip_tokenizer():
+    """The real CLIP BPE tokenizer (vocab 49408), built offline by model I/O."""
+    from jdm_train import model_io
+
+    return model_io.load_tokenizer()
+
+
+def tokenize(tokenizer, captions: list[str]) -> Tensor:
+    """Token ids (B, 77), padded and truncated the way SD1.x pipelines do."""
+    out = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return out.input_ids
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cached_images(work: Path, n: int) -> Tensor:
+    """Training images 0..n-1 as uint8 (n, 3, 64, 64), rendered once into `work`."""
+    path = work / f"images_{n}.pt"
+    if path.exists():
+        return torch.load(path)
+    imgs = torch.stack([torch.from_numpy(data.render(data.scene(data.TRAIN_START + i))).permute(2, 0, 1) for i in range(n)])
+    torch.save(imgs, path)
+    return imgs
+
+
+def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) + base * 0.02
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int, log, crop: int = 48) -> None:
+    """L1 + L2 reconstruction + KL (SD's weight 1e-6) on random `crop` x `crop` crops."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+        oy, ox = (int(v) for v in torch.randint(0, images.shape[-1] - crop + 1, (2,), generator=gen))
+        x = images[idx, :, oy : oy + crop, ox : ox + crop].float().div(255) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        l1 = (rec - x).abs().mean()
+        kl = post.kl().mean()
+        # SD's weighting: 1e-6 * KL summed over latents vs. reconstruction summed over pixels.
+        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * kl / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} l1 {l1.item():.4f} kl {kl.item():.1f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, images: Tensor, target_std: float = 1.0 / SD_SCALING_FACTOR) -> float:
+    """Rescale the latent space so that raw latents have std `target_std` (exact reparametrisation).
+
+    quant_conv's mean rows are multiplied by k (log-variance rows shifted by 2 log k) and
+    post_quant_conv's inputs divided by k: the decoder of the new latent k*z equals the old
+    decoder of z. Returns k.
+    """
+    x = images[:512].float().div(255) * 2 - 1
+    std = vae.encode(x).latent_dist.mean.std().item()
+    k = target_std / std
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.quant_conv.bias[c:] += 2 * math.log(k)
+    vae.post_quant_conv.weight /= k
+    return k
+
+
+@torch.no_grad()
+def encode_all(vae, images: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Posterior mean and std of every image, already multiplied by the scaling factor."""
+    means, stds = [], []
+    for i in range(0, images.shape[0], chunk):
+        post = vae.encode(images[i : i + chunk].float().div(255) * 2 - 1).latent_dist
+        means.append(post.mean * SD_SCALING_FACTOR)
+        stds.append(post.std * SD_SCALING_FACTOR)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ----------------------------------------------------------------------------- stage 2: UNet + text encoder
+
+
+def _ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Tensor, lat_std: Tensor,
+               steps: int, batch: int, lr: float, seed: int, log, p_uncond: float = 0.1, state: dict | None = None,
+               checkpoint=None):
+    """Denoising score matching `|| eps_theta(x_t, t, text) - eps ||^2` (SD's objective), t ~ U{0..999}.
+
+    Returns EMA copies (decay 0.999) of the UNet and text encoder, which sample better than
+    the raw weights after a short run.
+    """
+    schedule = NoiseSchedule()
+    gen = torch.Generator().manual_seed(seed)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    start = 0
+    if state is not None:
+        unet.load_state_dict(state["unet"]); text_encoder.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"]); gen.set_state(state["gen"]); start = state["step"]
+    unet.train(); text_encoder.train()
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        idx = torch.randint(0, ids.shape[0], (batch,), generator=gen)
+        x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
+        tok = ids[idx].clone()
+        drop = torch.rand(batch, generator=gen) < p_uncond
+        tok[drop] = empty_ids
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        x_t = schedule.add_noise(x0, eps, t)
+        emb = text_encoder(tok).last_hidden_state
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=emb).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if checkpoint is not None and (step + 1) % 250 == 0:
+            checkpoint({"unet": unet.state_dict(), "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                         "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1})
+    return ema_unet.eval(), ema_text.eval()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps: int = 25, cfg: float = 4.0, seed: int = 0) -> Tensor:
+    """Teacher samples for `captions`: images (B, 3, 64, 64) in [0, 1], `steps` DDIM steps with CFG."""
+    dtype = next(unet.parameters()).dtype
+    cond = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
+    uncond = text_encoder(tokenize(tokenizer, [""] * len(captions))).last_hidden_state
+    gen = torch.Generator().manual_seed(seed)
+    size = LATENT_SIZE
+    noise = torch.randn((len(captions), unet.config.in_channels, size, size), generator=gen)
+    lat = ddim_sample(cfg_unet_denoiser(unet, cond, uncond, cfg), noise, steps)
+    img = vae.decode((lat / vae.config.scaling_factor).to(dtype)).sample.float()
+    return (img / 2 + 0.5).clamp(0, 1)
+
+
+def save_grid(images: Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
+    """Images (B, 3, H, W) in [0, 1] as one PNG grid."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    nrow = -(-b // ncol)
+    grid = torch.ones(3, nrow * (h + 2), ncol * (w + 2))
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[:, r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jdm_train.demo.train_teacher", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "demo_teacher.safetensors",
+                   help="where to write the single-file SD1.x checkpoint (fp16)")
+    p.add_argument("--work", type=Path, default=Path("jdm_teacher_work"), help="cache directory for stages and logs")
+    p.add_argument("--n-train", type=int, default=20000, help="number of distinct training images")
+    p.add_argument("--vae-steps", type=int, default=600, help="VAE optimisation steps")
+    p.add_argument("--vae-batch", type=int, default=12, help="VAE batch size (48x48 crops)")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
+    p.add_argument("--unet-steps", type=int, default=1500, help="UNet + text-encoder optimisation steps")
+    p.add_argument("--unet-batch", type=int, default=32, help="UNet batch size")
+    p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    logf = open(work / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n"); logf.flush()
+
+    t_start = time.time()
+    log(f"args {vars(args)}")
+    tokenizer = clip_tokenizer()
+    unet, vae, text_encoder = build_models()
+    images = cached_images(work, args.n_train)
+    log(f"{images.shape[0]} images ready ({time.time() - t_start:.0f}s)")
+
+    vae_path = work / "vae.pt"
+    if vae_path.exists():
+        vae.load_state_dict(torch.load(vae_path)); vae.eval()
+    else:
+        train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
+        k = fold_latent_scale(vae, images)
+        log(f"latent scale folded: k={k:.4f}")
+        torch.save(vae.state_dict(), vae_path)
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        x = images[-64:].float().div(255) * 2 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        log(f"vae reconstruction L1 on 64 images: {(rec - x).abs().mean().item() / 2:.4f} (in [0,1] units)")
+
+    lat_path = work / "latents.pt"
+    if lat_path.exists():
+        lat_mean, lat_std = torch.load(lat_path)
+    else:
+        lat_mean, lat_std = encode_all(vae, images)
+        torch.save((lat_mean, lat_std), lat_path)
+    log(f"latents {tuple(lat_mean.shape)} std {lat_mean.std().item():.3f} mean {lat_mean.mean().item():.3f}")
+
+    captions = [data.caption(data.TRAIN_START + i) for i in range(args.n_train)]
+    ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    state_path = work / "unet_state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+
+    ema_unet, ema_text = train_unet(unet, text_encoder, ids, empty_ids, lat_mean, lat_std, args.unet_steps,
+                                    args.unet_batch, args.unet_lr, args.seed, log, state=state,
+                                    checkpoint=lambda s: torch.save(s, state_path))
+    train_seconds = time.time() - t_start
+    log(f"training done in {train_seconds:.0f}s")
+
+    held = [data.caption(data.HELDOUT_START + i) for i in range(32)]
+    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=25, cfg=4.0)
+    save_grid(grid, work / "samples_heldout_captions.png")
+    (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
+
+    from jdm_train import model_io
+
+    metadata = {
+        "jdm.kind": "teacher",
+        "jdm.base": "demo",
+        "jdm.config": json.dumps({"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG}),
+        "jdm.train_command": "python -m jdm_train.demo.train_teacher " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "jdm.train_seconds": f"{train_seconds:.0f}",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model_io, "save_sd1_checkpoint"):
+        # Model I/O not landed yet: keep diffusers folders; rerunning the same command converts (stages are cached).
+        for name, m in (("unet", ema_unet), ("vae", vae), ("text_encoder", ema_text)):
+            m.save_pretrained(work / "diffusers" / name)
+        log(f"model_io.save_sd1_checkpoint missing; saved diffusers folders in {work / 'diffusers'}")
+        return 1
+    model_io.save_sd1_checkpoint(args.out, ema_unet.half(), vae.half(), ema_text.half(), metadata)
+    log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

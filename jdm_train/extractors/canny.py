@@ -6,9 +6,9 @@ keeps per pixel the channel of largest L1 magnitude `|dx| + |dy|` (the first on 
 thins by non-maximum suppression in four sectors, marks pixels with magnitude `> low`
 as candidates and `> high` as strong, and keeps the 8-connected candidate components
 that hold a strong pixel (hysteresis). `canny_edges` reproduces each of these steps
-on tensors; hysteresis is a connected-component labelling of the candidate pixels
-(min-label propagation with pointer jumping), which converges in a few dozen rounds
-where a dilation loop needs as many rounds as the longest edge is long.
+on tensors, in 8/16-bit integers so that every comparison is OpenCV's; hysteresis is
+a breadth-first search over the candidate pixels, whose rounds touch only the newly
+reached pixels (a dilation loop re-reads the whole image every round).
 """
 
 from __future__ import annotations
@@ -24,92 +24,96 @@ from .base import Extractor, Param, check_images, to_hint
 # tan(22.5 deg) in Q15, OpenCV's TG22: sectors are decided in exact integer arithmetic.
 _TG22 = 13573
 _MAX_L1 = 2040  # largest |dx| + |dy| of a 3x3 Sobel on 8-bit values
+_CHUNK = 2
 
 
-def _quantize(images: torch.Tensor) -> torch.Tensor:
-    # Rounding (not truncation) keeps k/255 -> k exact although k/255*255 may land below k.
-    return (images.clamp(0, 1) * 255).round()
+def _select(keep: torch.Tensor, other: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """`torch.where(ones == -1, keep, other)` for a 0/-1 int16 mask.
+
+    torch.where is not vectorised for these dtypes on CPU (20x slower than this)."""
+    return (keep - other).bitwise_and_(ones).add_(other)
 
 
-def _sobel_int(u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3 Sobel dx, dy of (B, C, H, W) integer-valued floats, replicated border (as cv2)."""
-    p = F.pad(u8, (1, 1, 1, 1), mode="replicate")
+def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV's per-pixel gradient of an RGB batch: (B, 3, H, W) in [0, 1] -> m, dx, dy (B, H, W) int16.
+
+    Values are quantised to 8 bits by rounding (k/255 * 255 may land just below k,
+    which truncation would turn into k - 1); Sobel 3x3 with replicated border per
+    channel; m = |dx| + |dy| of the channel with the largest m, the first on ties.
+    """
+    b, c, h, w = images.shape
+    p = torch.empty(b, c, h + 2, w + 2, dtype=torch.int16, device=images.device)
+    p[:, :, 1:-1, 1:-1] = (images * 255).round_()
+    p.clamp_(0, 255)
+    p[:, :, 0, 1:-1] = p[:, :, 1, 1:-1]
+    p[:, :, -1, 1:-1] = p[:, :, -2, 1:-1]
+    p[:, :, :, 0] = p[:, :, :, 1]
+    p[:, :, :, -1] = p[:, :, :, -2]
     diff_x = p[..., 2:] - p[..., :-2]
-    smooth_x = p[..., :-2] + 2 * p[..., 1:-1] + p[..., 2:]
-    dx = diff_x[..., :-2, :] + 2 * diff_x[..., 1:-1, :] + diff_x[..., 2:, :]
+    smooth_x = p[..., :-2] + p[..., 2:]
+    smooth_x += p[..., 1:-1]
+    smooth_x += p[..., 1:-1]
+    dx = diff_x[..., :-2, :] + diff_x[..., 2:, :]
+    dx += diff_x[..., 1:-1, :]
+    dx += diff_x[..., 1:-1, :]
     dy = smooth_x[..., 2:, :] - smooth_x[..., :-2, :]
-    return dx, dy
+    mag = dx.abs()
+    mag += dy.abs()
+    m = mag.amax(1)
+    gx, gy = dx[:, c - 1], dy[:, c - 1]
+    for ch in range(c - 2, -1, -1):  # lower channels override: the first maximum wins
+        first = (mag[:, ch] == m).to(torch.int16).neg_()
+        gx, gy = _select(dx[:, ch], gx, first), _select(dy[:, ch], gy, first)
+    return m, gx, gy
 
 
 def _nms(images: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate and strong pixel masks, (B, H, W) bool each, exactly as canny.cpp's stage 2."""
-    dx, dy = _sobel_int(_quantize(images).float())
-    mag = dx.abs() + dy.abs()
-    # argmax returns the first maximum: OpenCV also keeps the first channel on ties.
-    best = mag.argmax(1, keepdim=True)
-    m = mag.gather(1, best)[:, 0].to(torch.int32)
-    gx = dx.gather(1, best)[:, 0].to(torch.int32)
-    gy = dy.gather(1, best)[:, 0].to(torch.int32)
-
+    m, gx, gy = _gradients(images)
     # Outside the image the magnitude is 0 (OpenCV's zeroed ring-buffer borders).
     mp = F.pad(m, (1, 1, 1, 1))
     c = mp[:, 1:-1, 1:-1]
-    ax, ay = gx.abs(), gy.abs() << 15
+    ax, ay = gx.abs().int(), gy.abs().int() << 15
     tg22x = ax * _TG22
     horizontal = ay < tg22x
-    vertical = ay > tg22x + (ax << 16)
-    keep_h = (c > mp[:, 1:-1, :-2]) & (c >= mp[:, 1:-1, 2:])
-    keep_v = (c > mp[:, :-2, 1:-1]) & (c >= mp[:, 2:, 1:-1])
+    vertical = (ay - (ax << 16)) > tg22x  # y > tg22x + (x << 16), without overflow
+    diagonal = ~(horizontal | vertical)
     # (xs ^ ys) >= 0: same sign, the gradient points along the main diagonal.
     same_sign = (gx < 0) == (gy < 0)
-    keep_main = (c > mp[:, :-2, :-2]) & (c > mp[:, 2:, 2:])
-    keep_anti = (c > mp[:, :-2, 2:]) & (c > mp[:, 2:, :-2])
-    keep_d = torch.where(same_sign, keep_main, keep_anti)
-    keep = torch.where(horizontal, keep_h, torch.where(vertical, keep_v, keep_d))
+    keep = horizontal & (c > mp[:, 1:-1, :-2]) & (c >= mp[:, 1:-1, 2:])
+    keep |= vertical & (c > mp[:, :-2, 1:-1]) & (c >= mp[:, 2:, 1:-1])
+    keep |= diagonal & same_sign & (c > mp[:, :-2, :-2]) & (c > mp[:, 2:, 2:])
+    keep |= diagonal & ~same_sign & (c > mp[:, :-2, 2:]) & (c > mp[:, 2:, :-2])
     candidate = keep & (m > low)
     strong = candidate & (m > high)
     return candidate, strong
 
 
-def hysteresis(candidate: torch.Tensor, strong: torch.Tensor, max_rounds: int = 10_000) -> torch.Tensor:
+def hysteresis(candidate: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
     """Keep the 8-connected components of `candidate` that contain a `strong` pixel.
 
     candidate, strong: (B, H, W) bool with strong ⊆ candidate. Returns (B, H, W) bool.
-    Works on the candidate pixels only: each holds a label (its index), repeatedly
-    takes the minimum over its neighbours, hooks its root to that minimum, and
-    jumps pointers (label = label[label]); every round at least halves the distance
-    to the component's minimum along most paths.
+    A breadth-first search from all strong pixels at once over a flat index space:
+    each round visits only the newest pixels, so the total work is proportional to
+    the number of edge pixels, and the number of rounds to the longest run of weak
+    pixels (tens on photos).
     """
     b, h, w = candidate.shape
     wp = w + 2
-    flat = F.pad(candidate, (1, 1, 1, 1)).reshape(-1)  # the zero ring separates the images
-    idx = flat.nonzero().squeeze(1)
-    n = idx.numel()
-    out = torch.zeros_like(flat)
-    if n == 0:
-        return out.view(b, h + 2, wp)[:, 1:-1, 1:-1]
-    lut = torch.full((flat.numel(),), n, dtype=torch.long, device=flat.device)
-    lut[idx] = torch.arange(n, device=flat.device)
-    offsets = torch.tensor([-wp - 1, -wp, -wp + 1, -1, 1, wp - 1, wp, wp + 1], device=flat.device)
-    nbr = lut[idx[:, None] + offsets]  # (n, 8); n is the sentinel "no candidate there"
-    del lut
-
-    label = torch.arange(n + 1, device=flat.device)
-    for _ in range(max_rounds):
-        prev = label
-        m = torch.minimum(label[nbr].amin(1), label[:n])
-        label = label.clone()
-        label.scatter_reduce_(0, prev[:n], m, reduce="amin")
-        label[:n] = torch.minimum(label[:n], m)
-        label = label[label]
-        label = label[label]
-        if torch.equal(label, prev):
-            break
-    strong_c = F.pad(strong, (1, 1, 1, 1)).reshape(-1)[idx]
-    has_strong = torch.zeros(n + 1, dtype=torch.uint8, device=flat.device)
-    has_strong.scatter_reduce_(0, label[:n], strong_c.to(torch.uint8), reduce="amax")
-    out[idx] = has_strong[label[:n]].bool()
-    return out.view(b, h + 2, wp)[:, 1:-1, 1:-1]
+    # The zero ring keeps neighbour offsets inside the array and separates the images.
+    weak = F.pad(candidate & ~strong, (1, 1, 1, 1))
+    # Start only from strong pixels next to a weak one: most strong pixels have none.
+    rows = weak[:, :, :-2] | weak[:, :, 1:-1] | weak[:, :, 2:]
+    near_weak = F.pad(rows[:, :-2] | rows[:, 1:-1] | rows[:, 2:], (1, 1, 1, 1))
+    front = (F.pad(strong, (1, 1, 1, 1)) & near_weak).reshape(-1).nonzero().squeeze(1)
+    todo = weak.reshape(-1)
+    offsets = torch.tensor([-wp - 1, -wp, -wp + 1, -1, 1, wp - 1, wp, wp + 1], device=front.device)
+    while front.numel():
+        nbr = (front[:, None] + offsets).reshape(-1)
+        front = nbr[todo[nbr]]
+        todo[front] = False
+    weak_left = todo.view(b, h + 2, wp)[:, 1:-1, 1:-1]
+    return candidate & ~weak_left
 
 
 def canny_edges(images: torch.Tensor, low: float = 100, high: float = 200) -> torch.Tensor:
@@ -121,8 +125,9 @@ def canny_edges(images: torch.Tensor, low: float = 100, high: float = 200) -> to
     lo, hi = math.floor(low), math.floor(high)
     if lo > hi:
         lo, hi = hi, lo
-    candidate, strong = _nms(images, lo, hi)
-    return hysteresis(candidate, strong)
+    # Chunks keep the int16 temporaries of stage 2 in cache; hysteresis runs on the whole batch.
+    masks = [_nms(chunk, lo, hi) for chunk in images.split(_CHUNK)]
+    return hysteresis(torch.cat([c for c, _ in masks]), torch.cat([s for _, s in masks]))
 
 
 def soft_canny(

@@ -32,7 +32,8 @@ def one_step_sampler() -> comfy.samplers.KSAMPLER:
 def generator_sigmas(model, timestep: int) -> torch.Tensor:
     """`[sigma(t_g), 0]` on the model's own discrete schedule (sigma(999) = sigma_max)."""
     ms = model.get_model_object("model_sampling")
-    sigma = ms.sigma(torch.tensor(float(timestep)))
+    # the discrete table itself (what core schedulers index), not ms.sigma()'s log-interpolation
+    sigma = ms.sigmas[int(timestep)] if hasattr(ms, "sigmas") else ms.sigma(torch.tensor(float(timestep)))
     return torch.stack([sigma.reshape(()).float().cpu(), torch.zeros(())])
 
 

@@ -444,11 +444,11 @@ class Trainer:
         self._zero()
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", self.step,
+        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", self.step + 1,
                     self.nonfinite_run, self.nonfinite_total)
         if self.nonfinite_run >= self.config.max_nonfinite:
             raise NonFiniteLossError(
-                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}; stopping. The last good "
+                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; stopping. The last good "
                 f"checkpoint is kept in {self.output_dir} (resume with --resume latest, e.g. with lower learning rates)")
         return {"nonfinite_skipped": float(self.nonfinite_total)}
 
@@ -478,7 +478,9 @@ class Trainer:
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     write_preview(self)
                 stop = self._stop_everywhere()
-                if self.step % cfg.checkpoint_every == 0 or stop or self.step == cfg.max_steps:
+                # During a streak of skipped steps nothing worth a new checkpoint happened.
+                due = self.step % cfg.checkpoint_every == 0 and self.nonfinite_run == 0
+                if due or stop or self.step == cfg.max_steps:
                     save_checkpoint(self)
                 if stop:
                     log.warning("stopped by signal at step %d; resume with --resume latest", self.step)

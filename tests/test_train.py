@@ -1,0 +1,221 @@
+"""The trainer end to end: the real CLI for a few steps on a tiny SD1.x checkpoint in the LDM
+layout (jdm_train.fixtures) and a folder of tiny captioned images; exports, resume, signals,
+non-finite losses and a two-process run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from jdm_train import cli, fixtures, model_io
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = "64"
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny teacher checkpoint and a folder of 4 captioned 72x64 images."""
+    base = tmp_path_factory.mktemp("world")
+    ckpt = fixtures.write_tiny_sd1_checkpoint(base / "tiny.safetensors")
+    data = base / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = np.zeros((72, 64, 3), np.uint8)
+        a[8 + 6 * i: 40 + 6 * i, 10:50] = rng.integers(40, 255, 3)
+        Image.fromarray(a).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a box number {i}")
+    return {"ckpt": ckpt, "data": data, "base": base}
+
+
+def _argv(world, out, *extra):
+    return ["--ckpt", str(world["ckpt"]), "--data", str(world["data"]), "--resolution", RES,
+            "--output-dir", str(out), "--seed", "0", *extra]
+
+
+def _check_export(path: Path, kind: str, control: str):
+    meta = model_io.read_metadata(path)
+    assert meta["jdm.kind"] == kind and meta["jdm.control"] == control and meta["jdm.timestep"] == "999"
+    assert meta["jdm.base"] == "tiny.safetensors"
+    assert meta["jdm.config"]["control"] == control
+
+
+@pytest.fixture(scope="module")
+def canny_run(world):
+    out = world["base"] / "canny"
+    status = cli.main(_argv(world, out, "--control", "canny", "--max-steps", "2", "--preview-every", "2",
+                            "--preview-teacher-steps", "2"))
+    return status, out
+
+
+@pytest.fixture(scope="module")
+def lowres_lora_run(world):
+    out = world["base"] / "lowres"
+    status = cli.main(_argv(world, out, "--control", "lowres", "--divergence", "js", "--max-steps", "2",
+                            "--student-lora-rank", "4", "--fake-lora-rank", "4", "--lr-student", "3e-2"))
+    return status, out
+
+
+def test_canny_rkl_run_exports_load_back(canny_run):
+    status, out = canny_run
+    assert status == 0
+    _check_export(out / "jdm.safetensors", "student", "canny")
+    _check_export(out / "jdm_canny.safetensors", "controlnet", "canny")
+    student = model_io.load_unet(out / "jdm.safetensors")
+    controlnet = model_io.load_controlnet(out / "jdm_canny.safetensors")
+    assert student.config.in_channels == 4 and controlnet.config.conditioning_channels == 3
+    # the ControlNet's zero convolutions left zero after two updates
+    zero_convs = [v for k, v in load_file(out / "jdm_canny.safetensors").items() if "zero_convs" in k]
+    assert zero_convs and any(v.abs().max() > 0 for v in zero_convs)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["config"]["control"] == "canny"
+    png = Image.open(out / "preview-000002.png")
+    assert png.size == (3 * int(RES), 4 * int(RES))  # condition | student | teacher, one row per sample
+
+
+def test_lowres_js_lora_run_exports(lowres_lora_run):
+    status, out = lowres_lora_run
+    assert status == 0
+    _check_export(out / "jdm.safetensors", "student", "lowres")
+    _check_export(out / "jdm_lowres.safetensors", "controlnet", "lowres")
+    _check_export(out / "jdm_lora.safetensors", "student_lora", "lowres")
+    disc = [k for k in load_file(out / "checkpoint-2" / "trainable.safetensors") if k.startswith("discriminator.")]
+    assert disc, "js needs the discriminator head in the checkpoint"
+
+
+def _apply_kohya_lora(unet, lora: dict) -> int:
+    """Independent LoRA application: W += alpha / rank * up @ down on the module named in the key."""
+    modules = {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()}
+    applied = 0
+    with torch.no_grad():
+        for key in [k for k in lora if k.endswith(".lora_down.weight")]:
+            stem = key[: -len(".lora_down.weight")]
+            down, up = lora[key].double(), lora[f"{stem}.lora_up.weight"].double()
+            scale = float(lora[f"{stem}.alpha"]) / down.shape[0]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(modules[stem].weight.shape) * scale
+            modules[stem].weight += delta.to(modules[stem].weight.dtype)
+            applied += 1
+    return applied
+
+
+def test_student_lora_on_base_equals_merged_student(world, lowres_lora_run):
+    _, out = lowres_lora_run
+    base = model_io.load_sd1_checkpoint(world["ckpt"]).unet
+    merged = model_io.load_unet(out / "jdm.safetensors")
+    lora = load_file(out / "jdm_lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in lora)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    text = torch.randn(2, 77, base.config.cross_attention_dim, generator=g)
+    t = torch.full((2,), 999)
+    with torch.no_grad():
+        before = base(z, t, text).sample
+        assert _apply_kohya_lora(base, lora) > 20
+        with_lora = base(z, t, text).sample
+        student = merged(z, t, text).sample
+    assert (before - student).abs().max() > 1e-3, "the LoRA must have moved the student off the base"
+    torch.testing.assert_close(with_lora, student, rtol=1e-4, atol=1e-5)
+
+
+def test_extend_phase_trains_only_a_new_controlnet(world, canny_run):
+    _, first = canny_run
+    out = world["base"] / "extend"
+    student_before = load_file(first / "jdm.safetensors")
+    status = cli.main(_argv(world, out, "--phase", "extend", "--student", str(first / "jdm.safetensors"),
+                            "--control", "lowres", "--max-steps", "2", "--output", "ext"))
+    assert status == 0
+    assert not (out / "ext.safetensors").exists(), "the frozen student is not exported again"
+    _check_export(out / "ext_lowres.safetensors", "controlnet", "lowres")
+    model_io.load_controlnet(out / "ext_lowres.safetensors")
+    trained = load_file(out / "checkpoint-2" / "trainable.safetensors")
+    assert not any(k.startswith("student.") for k in trained)
+    assert all(torch.equal(v, load_file(first / "jdm.safetensors")[k]) for k, v in student_before.items())
+
+
+def test_resume_is_bitwise_identical(world):
+    whole, split = world["base"] / "whole", world["base"] / "split"
+    common = ("--control", "canny", "--checkpoint-every", "2", "--lr-student", "1e-3", "--lr-controlnet", "1e-3")
+    assert cli.main(_argv(world, whole, "--max-steps", "4", *common)) == 0
+    assert cli.main(_argv(world, split, "--max-steps", "2", *common)) == 0
+    assert cli.main(_argv(world, split, "--max-steps", "4", "--resume", "latest", *common)) == 0
+    a = load_file(whole / "checkpoint-4" / "trainable.safetensors")
+    b = load_file(split / "checkpoint-4" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(whole / "checkpoint-2" / "trainable.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a), "steps 3-4 must change the weights"
+    ea, eb = load_file(whole / "jdm.safetensors"), load_file(split / "jdm.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_nonfinite_losses_skip_then_stop_keeping_last_checkpoint(world, tmp_path, monkeypatch):
+    module = tmp_path / "nan_after_two.py"
+    module.write_text(
+        "import torch\nCALLS = [0]\n"
+        "def reward(images, prompts):\n"
+        "    CALLS[0] += 1\n"
+        "    r = images.mean(dim=(1, 2, 3))\n"
+        "    return r if CALLS[0] <= 2 else r * float('nan')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    status = cli.main(_argv(world, out, "--max-steps", "6", "--checkpoint-every", "1", "--max-nonfinite", "2",
+                            "--reward", "nan_after_two:reward"))
+    assert status == 3
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "jdm.safetensors").exists()
+
+
+def test_sigterm_finishes_step_checkpoints_and_exits(world, tmp_path, caplog):
+    """SIGTERM mid-run (sent from a watcher thread to this process, as a scheduler would)."""
+    out = tmp_path / "sig"
+    sent = []
+
+    def watcher():
+        deadline = time.time() + 240
+        while not (out / "checkpoint-1").is_dir() and time.time() < deadline:
+            time.sleep(0.05)
+        sent.append(time.time())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watcher, daemon=True)
+    thread.start()
+    status = cli.main(_argv(world, out, "--max-steps", "10000", "--checkpoint-every", "1"))
+    thread.join()
+    assert sent and status == 130
+    assert "resume with --resume latest" in caplog.text
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert steps and steps[-1] < 10000
+    assert not list(out.glob(".checkpoint-*")), "no temporary checkpoint left behind"
+    state = json.loads((out / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    assert state["step"] == steps[-1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is restored"
+
+
+def test_two_processes_end_with_identical_replicas(world, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "jdm_train", *_argv(world, out, "--max-steps", "2", "--divergence", "js")]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    digests = state["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    model_io.load_controlnet(out / "jdm_canny.safetensors")

@@ -138,7 +138,7 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return (x + noise).clamp(0, 1)
 
 
-def train_feature_net(n_train: int = 10000, steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0, log=print) -> ShapeNet:
+def train_feature_net(n_train: int = 5000, steps: int = 600, batch: int = 32, lr: float = 3e-3, seed: int = 0, log=print) -> ShapeNet:
     """Cross-entropy on the background and binary cross-entropy on object presence."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -163,8 +163,8 @@ def train_feature_net(n_train: int = 10000, steps: int = 1500, batch: int = 64, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jdm_train.demo.features", description="Train the demo world's feature network.")
     p.add_argument("--out", type=Path, default=ASSET, help="safetensors file to write")
-    p.add_argument("--n-train", type=int, default=10000, help="training images (indices from TRAIN_START)")
-    p.add_argument("--steps", type=int, default=1500, help="optimisation steps")
+    p.add_argument("--n-train", type=int, default=5000, help="training images (indices from TRAIN_START)")
+    p.add_argument("--steps", type=int, default=600, help="optimisation steps")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@ The teacher is the SD1.x architecture at small width, trained from scratch on
 
 1. VAE (`AutoencoderKL`, 4 levels as SD's: 64x64x3 pixels <-> 8x8x4 latents, the same
    48x compression and factor 8 as SD1.x, so ControlNet hint encoders and latent sizes work
-   unchanged) on random 48x48 crops (the VAE is convolutional; crops make a step cheaper),
+   unchanged) on random 32x32 crops (the VAE is convolutional; crops make a step cheaper),
    L1 + L2 + SD's small KL. Its
    latent scale is then folded into `quant_conv`/`post_quant_conv` so that SD's own
    `scaling_factor` 0.18215 gives unit-variance latents, as every SD1.x consumer assumes.
@@ -26,6 +26,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jdm_train.demo import data
-from jdm_train.demo.sample import cfg_unet_denoiser, ddim_sample
 from jdm_train.schedule import NoiseSchedule
 
 SD_SCALING_FACTOR = 0.18215
@@ -122,7 +122,7 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
-def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int, log, crop: int = 48) -> None:
+def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int, log, crop: int = 32) -> None:
     """L1 + L2 reconstruction + KL (SD's weight 1e-6) on random `crop` x `crop` crops."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -237,18 +237,12 @@ def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Ten
 # ----------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
 def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps: int = 25, cfg: float = 4.0, seed: int = 0) -> Tensor:
     """Teacher samples for `captions`: images (B, 3, 64, 64) in [0, 1], `steps` DDIM steps with CFG."""
-    dtype = next(unet.parameters()).dtype
-    cond = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
-    uncond = text_encoder(tokenize(tokenizer, [""] * len(captions))).last_hidden_state
-    gen = torch.Generator().manual_seed(seed)
-    size = LATENT_SIZE
-    noise = torch.randn((len(captions), unet.config.in_channels, size, size), generator=gen)
-    lat = ddim_sample(cfg_unet_denoiser(unet, cond, uncond, cfg), noise, steps)
-    img = vae.decode((lat / vae.config.scaling_factor).to(dtype)).sample.float()
-    return (img / 2 + 0.5).clamp(0, 1)
+    from jdm_train.evaluate import Teacher
+
+    teacher = Teacher(SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer))
+    return teacher.multistep(steps, cfg)(captions, None, teacher.noise(len(captions), data.IMAGE_SIZE, seed))
 
 
 def save_grid(images: Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
@@ -278,14 +272,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write the single-file SD1.x checkpoint (fp16)")
     p.add_argument("--work", type=Path, default=Path("jdm_teacher_work"), help="cache directory for stages and logs")
     p.add_argument("--n-train", type=int, default=20000, help="number of distinct training images")
-    p.add_argument("--vae-steps", type=int, default=600, help="VAE optimisation steps")
-    p.add_argument("--vae-batch", type=int, default=12, help="VAE batch size (48x48 crops)")
+    p.add_argument("--vae-steps", type=int, default=500, help="VAE optimisation steps")
+    p.add_argument("--vae-batch", type=int, default=8, help="VAE batch size (32x32 crops)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
-    p.add_argument("--unet-steps", type=int, default=1500, help="UNet + text-encoder optimisation steps")
-    p.add_argument("--unet-batch", type=int, default=32, help="UNet batch size")
+    p.add_argument("--unet-steps", type=int, default=1200, help="UNet + text-encoder optimisation steps")
+    p.add_argument("--unet-batch", type=int, default=24, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--grid-n", type=int, default=32, help="held-out captions in the sample grid")
+    p.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the sample grid")
     return p.parse_args(argv)
 
 
@@ -343,8 +339,8 @@ def main(argv=None) -> int:
     train_seconds = time.time() - t_start
     log(f"training done in {train_seconds:.0f}s")
 
-    held = [data.caption(data.HELDOUT_START + i) for i in range(32)]
-    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=25, cfg=4.0)
+    held = [data.caption(data.HELDOUT_START + i) for i in range(args.grid_n)]
+    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=args.grid_steps, cfg=4.0)
     save_grid(grid, work / "samples_heldout_captions.png")
     (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
 

@@ -1,0 +1,356 @@
+"""The paper's metrics (JDM Sec. 4.1): `python -m jdm_train.evaluate`.
+
+- FID between controlled one-step student samples and the teacher's uncontrolled multi-step
+  samples for the same held-out captions. Features: the demo world's own feature network
+  (`jdm_train.demo.features`, default with `--ckpt demo`; its FIDs are not Inception FIDs), or a
+  local CLIP model's image embeddings (`--clip DIR`, a transformers CLIPModel folder).
+- Consistency `|| h(x) - c ||_1` (mean absolute difference per image) on held-out conditions
+  `c = h(x_data)`, with the exact extractor `h` of `jdm_train.extractors`.
+- NFE (network evaluations per image, counting a CFG pair as one, as the paper does) and
+  wall time per image.
+- CLIP score (100 x cosine of CLIP image and text embeddings) when `--clip` is given; on the
+  demo world, caption agreement judged by the feature network.
+
+Results are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from jdm_train.schedule import NoiseSchedule
+
+# images (B, 3, H, W) in [0, 1] for captions, control (or None) and a noise tensor
+Generator = Callable[[list[str], "Tensor | None", Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def feature_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    f = features.detach().double().cpu().numpy()
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got {tuple(f.shape)}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Frechet distance of N(mu1, cov1) and N(mu2, cov2): |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)).
+
+    tr((C1 C2)^(1/2)) = tr((A C2 A)^(1/2)) with A = C1^(1/2), whose argument is symmetric PSD,
+    so both square roots come from symmetric eigendecompositions (no complex round-off).
+    """
+    mu1, mu2, cov1, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, cov1, cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, cov {cov1.shape} vs {cov2.shape}")
+
+    def psd_sqrt(c: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh((c + c.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    a = psd_sqrt(cov1)
+    w = np.linalg.eigvalsh(a @ cov2 @ a)
+    tr_sqrt = np.sqrt(np.clip(w, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt)
+
+
+def fid(features_a: Tensor, features_b: Tensor) -> float:
+    """FID of two feature sets (N, D) and (M, D)."""
+    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+
+
+# ----------------------------------------------------------------------------- feature networks
+
+
+class FeatureNet:
+    """`features(images) -> (B, D)` and optional `clip_score(images, captions) -> (B,)`."""
+
+    name = "features"
+
+    def features(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def clip_score(self, images: Tensor, captions: list[str]) -> Tensor | None:
+        return None
+
+
+class DemoFeatures(FeatureNet):
+    """The demo world's feature network (trained on the procedural shapes; not Inception)."""
+
+    name = "demo-shapenet"
+
+    def __init__(self, path: str | Path | None = None):
+        from jdm_train.demo.features import load_feature_net
+
+        self.net = load_feature_net(path)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self.net.features(images.float().cpu())
+
+    def agreement(self, images: Tensor, captions: list[str]) -> dict[str, float]:
+        from jdm_train.demo.features import caption_agreement
+
+        return caption_agreement(self.net, images.float().cpu(), captions)
+
+
+class ClipFeatures(FeatureNet):
+    """A local transformers CLIPModel folder: image embeddings for FID, and CLIP score."""
+
+    name = "clip"
+
+    def __init__(self, folder: str | Path):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"--clip {folder}: expected a transformers CLIPModel folder (config.json + weights)")
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            from jdm_train.model_io import load_tokenizer
+
+            self.tokenizer = load_tokenizer()
+        cfg = self.model.config.vision_config
+        self.size = cfg.image_size
+        # OpenAI CLIP's preprocessing constants
+        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    def _pixels(self, images: Tensor) -> Tensor:
+        x = torch.nn.functional.interpolate(images.float().cpu(), size=(self.size, self.size), mode="bicubic",
+                                            align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    @staticmethod
+    def _tensor(out) -> Tensor:
+        # transformers 5 returns a model output from get_*_features; 4.x a tensor
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=self._pixels(images)))
+
+    @torch.no_grad()
+    def clip_score(self, images: Tensor, captions: list[str]) -> Tensor:
+        """100 * cos(image embedding, text embedding), per image (B,); clipped at 0 as in Hessel et al."""
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.model.config.text_config.max_position_embeddings,
+                             truncation=True, return_tensors="pt")
+        txt = self._tensor(self.model.get_text_features(input_ids=tok.input_ids))
+        img = self.features(images)
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        return 100 * cos.clamp_min(0)
+
+
+# ----------------------------------------------------------------------------- held-out set and generators
+
+
+@dataclass
+class EvalSet:
+    """Held-out captions, data images (N, 3, H, W) in [0, 1] and conditions `c = h(x_data)`."""
+
+    captions: list[str]
+    images: Tensor
+    control: Tensor
+    control_name: str
+
+
+def demo_eval_set(n: int, control: str, **extractor_params) -> EvalSet:
+    """The first `n` held-out images of the demo world and their `control` conditions."""
+    from jdm_train.demo import data
+    from jdm_train.extractors import get_extractor
+
+    images, captions = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + n))
+    return EvalSet(captions, images, get_extractor(control, **extractor_params).extract(images), control)
+
+
+class Teacher:
+    """An SD1.x pipeline (`model_io.SD1Pipeline`) as text encoder, denoisers and decoder."""
+
+    def __init__(self, pipe, schedule: NoiseSchedule | None = None):
+        self.pipe = pipe
+        self.schedule = schedule or NoiseSchedule()
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Tensor:
+        ids = self.pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return self.pipe.text_encoder(ids).last_hidden_state
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        dtype = next(vae.parameters()).dtype
+        x = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float()
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    def noise(self, n: int, image_size: int, seed: int) -> Tensor:
+        s = image_size // self.vae_scale_factor
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((n, self.pipe.unet.config.in_channels, s, s), generator=gen)
+
+    def multistep(self, steps: int, cfg: float, negative: str = "") -> Generator:
+        """The teacher's uncontrolled DDIM sampler with CFG (the reference of FID); NFE = `steps`."""
+        from jdm_train.denoisers import Cond, UNetDenoiser
+        from jdm_train.train import ddim_reference
+
+        denoise = UNetDenoiser(self.pipe.unet, self.schedule)
+
+        @torch.no_grad()
+        def generate(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
+            cond = Cond(self.encode_text(captions))
+            uncond = Cond(self.encode_text([negative] * len(captions)))
+            return self.decode(ddim_reference(denoise, noise, cond, uncond, steps, cfg, self.schedule))
+
+        return generate
+
+    def one_step(self, unet, controlnet=None, t_g: int = 999) -> Generator:
+        """The student `G(z, text, c)`: one evaluation at `t_g` of `unet` (+ `controlnet`) read as x0; NFE = 1."""
+        from jdm_train.denoisers import Cond, UNetDenoiser
+        from jdm_train.sampling import generate_one_step
+
+        denoise = UNetDenoiser(unet, self.schedule, controlnet=controlnet)
+
+        @torch.no_grad()
+        def generate(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
+            cond = Cond(self.encode_text(captions), control if controlnet is not None else None)
+            return self.decode(generate_one_step(denoise, noise, t_g, cond))
+
+        return generate
+
+
+def run_generator(generate: Generator, eval_set: EvalSet, noise: Tensor, batch: int = 32,
+                  blank_control: bool = False) -> tuple[Tensor, float]:
+    """All images of `eval_set` through `generate` in batches; returns (images, seconds per image)."""
+    outs = []
+    t0 = time.perf_counter()
+    for i in range(0, len(eval_set.captions), batch):
+        control = eval_set.control[i : i + batch]
+        if blank_control:
+            control = torch.zeros_like(control)
+        outs.append(generate(eval_set.captions[i : i + batch], control, noise[i : i + batch]))
+    seconds = (time.perf_counter() - t0) / len(eval_set.captions)
+    return torch.cat(outs), seconds
+
+
+def score(images: Tensor, eval_set: EvalSet, reference_features: Tensor, feature_net: FeatureNet,
+          nfe: int, seconds_per_image: float) -> dict:
+    """FID (vs. the reference features), consistency, NFE, time, CLIP score / caption agreement."""
+    from jdm_train.extractors import get_extractor
+
+    h = get_extractor(eval_set.control_name)
+    out = {
+        "fid": fid(feature_net.features(images), reference_features),
+        "consistency": h.consistency(images, eval_set.control).mean().item(),
+        "nfe": nfe,
+        "seconds_per_image": seconds_per_image,
+        "n": int(images.shape[0]),
+    }
+    clip = feature_net.clip_score(images, eval_set.captions)
+    if clip is not None:
+        out["clip_score"] = clip.mean().item()
+    if isinstance(feature_net, DemoFeatures):
+        out["caption_agreement"] = feature_net.agreement(images, eval_set.captions)["all"]
+    return out
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Markdown table of result rows: FID, consistency, NFE, time per image (+ optional columns)."""
+    cols = [("FID", "fid", "{:.2f}"), ("consistency (L1)", "consistency", "{:.4f}"), ("NFE", "nfe", "{}"),
+            ("s / image", "seconds_per_image", "{:.3f}")]
+    extra = [("CLIP score", "clip_score", "{:.2f}"), ("caption agreement", "caption_agreement", "{:.2f}")]
+    cols += [c for c in extra if any(c[1] in r for r in rows.values())]
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        cells = [fmt.format(r[key]) if key in r and r[key] is not None else "-" for _, key, fmt in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jdm_train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default="demo", help="teacher SD1.x checkpoint (path or 'demo' for the shipped demo teacher)")
+    p.add_argument("--student", type=Path, help="student UNet (LDM layout, as exported by the trainer); default: the teacher UNet")
+    p.add_argument("--controlnet", type=Path, help="the student's ControlNet (cldm layout, as exported by the trainer)")
+    p.add_argument("--control", default="canny", help="condition extractor name (canny, hed, depth, lowres)")
+    p.add_argument("--n", type=int, default=256, help="number of held-out images / conditions")
+    p.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps of the teacher's reference samples")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the teacher's reference samples")
+    p.add_argument("--timestep", type=int, default=None, help="student generator timestep (default: jdm.timestep metadata or 999)")
+    p.add_argument("--clip", type=Path, help="local transformers CLIPModel folder: CLIP features for FID and CLIP score")
+    p.add_argument("--features", type=Path, help="demo feature network weights (default: the shipped one)")
+    p.add_argument("--blank-control", action="store_true", help="also score the student with blank (zero) control images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by all generators")
+    p.add_argument("--batch", type=int, default=32, help="generation batch size")
+    p.add_argument("--out", type=Path, default=Path("jdm_eval.json"), help="JSON file to write")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from jdm_train import model_io
+
+    args = parse_args(argv)
+    if args.n < 2:
+        raise ValueError(f"--n must be >= 2 for a covariance, got {args.n}")
+    if args.ckpt == "demo":
+        from jdm_train.demo import teacher_path
+
+        ckpt = teacher_path()
+    else:
+        ckpt = model_io.resolve_model(args.ckpt, "checkpoints")
+    teacher = Teacher(model_io.load_sd1_checkpoint(ckpt))
+    if args.clip is not None:
+        feature_net: FeatureNet = ClipFeatures(args.clip)
+    elif args.ckpt == "demo" or args.features is not None:
+        feature_net = DemoFeatures(args.features)
+    else:
+        raise ValueError("--clip DIR is required outside the demo world (no feature network for FID)")
+    eval_set = demo_eval_set(args.n, args.control)
+    image_size = eval_set.images.shape[-1]
+    noise = teacher.noise(args.n, image_size, args.seed)
+
+    rows: dict[str, dict] = {}
+    ref, sec = run_generator(teacher.multistep(args.teacher_steps, args.cfg), eval_set, noise, args.batch)
+    ref_features = feature_net.features(ref)
+    rows[f"teacher ({args.teacher_steps}-step DDIM, no control)"] = score(ref, eval_set, ref_features, feature_net,
+                                                                         args.teacher_steps, sec)
+    rows["data (held-out images)"] = score(eval_set.images, eval_set, ref_features, feature_net, 0, 0.0)
+    if args.student is not None or args.controlnet is not None:
+        unet = model_io.load_unet(args.student) if args.student is not None else teacher.pipe.unet
+        controlnet = model_io.load_controlnet(args.controlnet) if args.controlnet is not None else None
+        meta = model_io.read_metadata(args.student) if args.student is not None else {}
+        t_g = args.timestep if args.timestep is not None else int(meta.get("jdm.timestep", 999))
+        gen = teacher.one_step(unet, controlnet, t_g)
+        imgs, sec = run_generator(gen, eval_set, noise, args.batch)
+        rows["student (1 step, control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
+        if args.blank_control:
+            imgs, sec = run_generator(gen, eval_set, noise, args.batch, blank_control=True)
+            rows["student (1 step, blank control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
+
+    print(format_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"ckpt": str(ckpt), "control": args.control, "feature_net": feature_net.name, "n": args.n,
+               "teacher_steps": args.teacher_steps, "cfg": args.cfg, "seed": args.seed, "rows": rows}
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The shipped workflows (workflows/*.json) checked without ComfyUI against the node schemas.
+
+Schemas: the core nodes of ComfyUI 0.3.64 (/work/shared/comfyui/object_info.json, or the copy
+the lead ships) plus this pack's snapshot nodes/object_info.json (kept current by
+tests/test_comfyui_nodes.py when COMFYUI_PATH is set).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+SHARED = Path("/work/shared/comfyui/object_info.json")
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+wf = _load("jdm_workflow_format", REPO / "nodes" / "workflow_format.py")
+
+
+@pytest.fixture(scope="module")
+def object_info():
+    if not SHARED.is_file():
+        pytest.skip(f"{SHARED} (core ComfyUI schemas) is not on this machine")
+    return wf.load_object_info(SHARED, REPO / "nodes" / "object_info.json")
+
+
+def test_the_five_workflows_are_shipped_with_thumbnails():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"jdm_one_step_hed", "jdm_one_step_canny", "jdm_one_step_lowres_upscale", "jdm_decoupled_cfg_teacher",
+            "jdm_one_step_vs_teacher_20_steps"} <= names
+    for p in WORKFLOWS:
+        jpg = p.with_suffix(".jpg")
+        assert jpg.is_file(), f"{p.name} has no thumbnail"
+        head = jpg.read_bytes()[:3]
+        assert head == b"\xff\xd8\xff", f"{jpg.name} is not a JPEG"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid_against_the_schemas(path, object_info):
+    graph = json.loads(path.read_text())
+    assert wf.check_workflow(graph, object_info) == []
+    prompt = wf.to_api(graph, object_info)
+    assert {n["class_type"] for n in prompt.values()} <= set(object_info)
+    for node_id, node in prompt.items():
+        info = object_info[node["class_type"]]
+        for name, _typ, _opts, optional in wf.input_specs(info):
+            assert optional or name in node["inputs"], f"node {node_id} lacks required input {name}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_uses_the_trainer_default_export_names(path):
+    graph = json.loads(path.read_text())
+    for n in graph["nodes"]:
+        if n["type"] == "UNETLoader":
+            assert n["widgets_values"][0] == "jdm.safetensors"
+        if n["type"] == "JDM_ControlNetLoader":
+            assert n["widgets_values"][0] in {f"jdm_{c}.safetensors" for c in ("canny", "hed", "depth", "lowres")}
+
+
+def test_shipped_workflows_are_what_the_generator_writes(object_info):
+    gen = _load("jdm_example_workflows", REPO / "nodes" / "example_workflows.py")
+    for name, graph in gen.workflows().items():
+        assert json.loads((REPO / "workflows" / f"{name}.json").read_text()) == json.loads(json.dumps(graph)), name
+
+
+def test_to_api_follows_the_frontend_widget_rules(object_info):
+    g = wf.Graph(object_info)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), {"ckpt_name": "a.safetensors"})
+    latent = g.node("EmptyLatentImage", (0, 0), {"width": 64, "height": 64})
+    enc = g.node("CLIPTextEncode", (0, 0), {"text": "x"}, clip=(ckpt, 1))
+    ks = g.node("KSampler", (0, 0), {"seed": 5, "seed:control_after_generate": "randomize", "steps": 3, "cfg": 2.5},
+                model=(ckpt, 0), positive=(enc, 0), negative=(enc, 0), latent_image=(latent, 0))
+    img = g.node("LoadImage", (0, 0), {"image": "example.png"})
+    graph = g.workflow()
+    assert ks["widgets_values"] == [5, "randomize", 3, 2.5, "euler", "simple", 1.0]
+    assert img["widgets_values"] == ["example.png", "image"]
+    api = wf.to_api(graph, object_info)
+    assert api[str(ks["id"])]["inputs"] == {"model": ["1", 0], "seed": 5, "steps": 3, "cfg": 2.5, "sampler_name": "euler",
+                                          "scheduler": "simple", "positive": ["3", 0], "negative": ["3", 0],
+                                          "latent_image": ["2", 0], "denoise": 1.0}
+    assert api[str(img["id"])]["inputs"] == {"image": "example.png"}
+
+
+def test_a_widget_with_a_link_takes_the_link(object_info):
+    graph = json.loads((REPO / "workflows" / "jdm_one_step_canny.json").read_text())
+    api = wf.to_api(graph, object_info)
+    (sampler,) = [n for n in api.values() if n["class_type"] == "JDM_OneStepSampler"]
+    (loader_id,) = [k for k, n in api.items() if n["class_type"] == "JDM_ControlNetLoader"]
+    assert sampler["inputs"]["timestep"] == [loader_id, 2]
+    assert sampler["inputs"]["seed"] == 0
+
+
+def _mutated(fn):
+    graph = json.loads((REPO / "workflows" / "jdm_one_step_canny.json").read_text())
+    fn(graph)
+    return graph
+
+
+def _node(graph, type_):
+    return next(n for n in graph["nodes"] if n["type"] == type_)
+
+
+@pytest.mark.parametrize("mutation,expected", [
+    (lambda g: _node(g, "JDM_OneStepSampler").update(type="JDM_NoSuchNode"), "unknown node type"),
+    (lambda g: _node(g, "JDM_CannyPreprocessor")["widgets_values"].__setitem__(0, 99999), "outside"),
+    (lambda g: _node(g, "EmptyLatentImage")["widgets_values"].pop(), "widget values"),
+    (lambda g: _node(g, "UNETLoader")["widgets_values"].__setitem__(1, "fp64"), "is not one of"),
+    (lambda g: g["links"][0].__setitem__(5, "MODEL"), "does not match"),
+    (lambda g: _node(g, "VAEDecode")["inputs"][1].update(link=None), "not connected"),
+])
+def test_check_workflow_catches_broken_workflows(object_info, mutation, expected):
+    errors = wf.check_workflow(_mutated(mutation), object_info)
+    assert any(expected in e for e in errors), errors
+
+
+def test_snapshot_has_a_preprocessor_per_extractor_with_its_parameters():
+    from jdm_train import extractors
+
+    snap = json.loads((REPO / "nodes" / "object_info.json").read_text())
+    pre = {n: i for n, i in snap.items() if n.endswith("Preprocessor")}
+    assert len(pre) == len(extractors.extractor_names())
+    for name in extractors.extractor_names():
+        (info,) = [i for i in pre.values() if f"The '{name}' condition extractor" in i["description"]]
+        assert info["output"] == ["IMAGE", "STRING"]
+        widgets = {k: v for k, v in info["input"]["required"].items() if k != "image"}
+        params = {p.name: p for p in extractors.extractor_params(name) if p.name not in ("comfyui_root", "chunk")}
+        assert set(widgets) == set(params)
+        for pname, p in params.items():
+            assert widgets[pname][1]["default"] == p.default
+            if p.min is not None:
+                assert widgets[pname][1]["min"] == p.min and widgets[pname][1]["max"] == p.max
+
+
+def test_snapshot_nodes_are_prefixed_and_under_jdm():
+    snap = json.loads((REPO / "nodes" / "object_info.json").read_text())
+    assert len(snap) >= 5
+    for name, info in snap.items():
+        assert name.startswith("JDM_") and info["name"] == name
+        assert info["category"].split("/")[0] == "JDM"
+        assert info["python_module"] == "custom_nodes.ComfyUI-JDM"

@@ -153,6 +153,17 @@ def test_soft_canny_tracks_exact_edges():
     assert ext.log_likelihood(img, exact) > ext.log_likelihood(other, exact)
 
 
+def test_sobel_equals_kornia():
+    import kornia
+
+    from jdm_train.extractors.canny import sobel
+
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    dx, dy = sobel(x)
+    ref = kornia.filters.spatial_gradient(x, mode="sobel", normalized=False)
+    assert torch.allclose(dx, ref[:, :, 0]) and torch.allclose(dy, ref[:, :, 1])
+
+
 def test_soft_canny_gradcheck():
     x = torch.rand(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: soft_canny(t, 50, 100, 2.0), (x,))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import kornia
 import torch
 import torch.nn.functional as F
 
@@ -43,8 +42,7 @@ def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """
     b, c, h, w = images.shape
     p = torch.empty(b, c, h + 2, w + 2, dtype=torch.int16, device=images.device)
-    p[:, :, 1:-1, 1:-1] = (images * 255).round_()
-    p.clamp_(0, 255)
+    p[:, :, 1:-1, 1:-1] = (images * 255).clamp_(0, 255).round_()
     p[:, :, 0, 1:-1] = p[:, :, 1, 1:-1]
     p[:, :, -1, 1:-1] = p[:, :, -2, 1:-1]
     p[:, :, :, 0] = p[:, :, :, 1]
@@ -130,20 +128,34 @@ def canny_edges(images: torch.Tensor, low: float = 100, high: float = 200) -> to
     return hysteresis(torch.cat([c for c, _ in masks]), torch.cat([s for _, s in masks]))
 
 
+def sobel(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised 3x3 Sobel dx, dy (B, C, H, W) with replicated border, differentiable.
+
+    Equal to `kornia.filters.spatial_gradient(x, "sobel", normalized=False)`, computed
+    separably with slices: about 2x faster forward and backward on CPU.
+    """
+    p = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    diff_x = p[..., 2:] - p[..., :-2]
+    smooth_x = p[..., :-2] + p[..., 2:] + 2 * p[..., 1:-1]
+    dx = diff_x[..., :-2, :] + diff_x[..., 2:, :] + 2 * diff_x[..., 1:-1, :]
+    dy = smooth_x[..., 2:, :] - smooth_x[..., :-2, :]
+    return dx, dy
+
+
 def soft_canny(
     images: torch.Tensor, low: float = 100, high: float = 200, softness: float = 1.0, logits: bool = False
 ) -> torch.Tensor:
     """Differentiable edge probability (B, 3, H, W) -> (B, 1, H, W) in (0, 1), or its logits.
 
-    A sigmoid of kornia's Sobel L1 magnitude (8-bit units, channel maximum as in
+    A sigmoid of the Sobel L1 magnitude (8-bit units, channel maximum as in
     OpenCV) centred between the thresholds, with `softness` times a quarter of their
     gap as temperature, so pixels at `low` map to ~0.12 and at `high` to ~0.88. It has
     no non-maximum suppression: its edges are a few pixels wide.
     """
     lo, hi = min(low, high), max(low, high)
-    grad = kornia.filters.spatial_gradient(images * 255, mode="sobel", normalized=False)  # (B, C, 2, H, W)
+    dx, dy = sobel(images * 255)
     # sqrt(g^2 + 1) - 1 is |g| smoothed below one 8-bit step, so the gradient exists everywhere.
-    mag = (grad.square() + 1).sqrt().sum(2) - 2
+    mag = (dx.square() + 1).sqrt() + (dy.square() + 1).sqrt() - 2
     mag = mag.amax(1, keepdim=True)
     temperature = softness * max(hi - lo, 4.0) / 4
     z = (mag - (lo + hi) / 2) / temperature

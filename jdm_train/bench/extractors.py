@@ -1,0 +1,127 @@
+"""`python -m jdm_train.bench extractors`: condition-extractor speed on a batch of photos.
+
+Prints, for a batch of scikit-image's bundled photos resized to --size: each
+extractor's exact `extract` time per image, our batched exact Canny against
+OpenCV's per-image `cv2.Canny` loop (with the ratio and the edge-pixel F1 between
+them), and the forward + backward time of each differentiable face. HED and depth
+run with random weights at their real sizes (ControlNetHED.pth layout;
+Intel/dpt-hybrid-midas architecture), written to a temporary models folder and
+loaded through the extractors, on --model-images images (they take seconds each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field", "camera")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jdm_train.bench extractors", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16, help="photos in the batch (default 16)")
+    p.add_argument("--size", type=int, default=512, help="photo side in pixels (default 512)")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats; the best is reported (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch/OpenCV threads; 0 keeps the defaults")
+    p.add_argument("--model-images", type=int, default=2, help="images for the HED / depth rows (default 2)")
+    p.add_argument("--skip-models", action="store_true", help="skip the HED and depth rows")
+    return p.parse_args(argv)
+
+
+def photos(batch: int, size: int) -> tuple[list[np.ndarray], torch.Tensor]:
+    import cv2
+    from skimage import data
+
+    imgs = []
+    for name in PHOTOS:
+        im = getattr(data, name)()
+        im = np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im[..., :3]
+        imgs.append(cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA))
+    imgs = [imgs[i % len(imgs)] for i in range(batch)]
+    return imgs, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up: lazy loading, allocator
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def fwd_bwd(ext, x: torch.Tensor, cond: torch.Tensor):
+    def run():
+        xi = x.clone().requires_grad_(True)
+        ext.log_likelihood(xi, cond).sum().backward()
+        return xi.grad
+
+    return run
+
+
+def write_models(root: Path) -> None:
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from jdm_train.extractors import HEDNetwork
+
+    ann = root / "models" / "annotators"
+    ann.mkdir(parents=True)
+    torch.save(HEDNetwork().state_dict(), ann / "ControlNetHED.pth")
+    cfg = DPTConfig(
+        is_hybrid=True, neck_hidden_sizes=[256, 512, 768, 768], reassemble_factors=[1, 1, 1, 0.5],
+        backbone_out_indices=[2, 5, 8, 11], use_auxiliary_head=False,
+    )
+    DPTForDepthEstimation(cfg).save_pretrained(ann / "dpt-hybrid-midas")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import cv2
+
+    from jdm_train.extractors import canny_edges, get_extractor
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    imgs, x = photos(args.batch, args.size)
+    n = args.batch
+    print(f"batch {n} x {args.size}px photos, torch threads {torch.get_num_threads()}, "
+          f"OpenCV threads {cv2.getNumThreads()}, best of {args.repeats}")
+    rows: list[tuple[str, int, float, str]] = []
+
+    t_cv = best_time(lambda: [cv2.Canny(im, 100, 200) for im in imgs], args.repeats)
+    t_ours = best_time(lambda: canny_edges(x, 100, 200), args.repeats)
+    ref = np.stack([cv2.Canny(im, 100, 200) > 0 for im in imgs])
+    ours = canny_edges(x, 100, 200).numpy()
+    f1 = 2 * np.logical_and(ours, ref).sum() / (ours.sum() + ref.sum())
+    rows.append(("canny exact: cv2.Canny per-image loop", n, t_cv, "reference"))
+    rows.append(("canny exact: ours, batched", n, t_ours, f"{t_ours / t_cv:.2f}x OpenCV, F1 {f1:.4f}"))
+
+    for name in ("canny", "lowres"):
+        ext = get_extractor(name)
+        rows.append((f"{name} extract", n, best_time(lambda: ext.extract(x), args.repeats), ""))
+        cond = ext.extract(x)
+        rows.append((f"{name} soft fwd+bwd", n, best_time(fwd_bwd(ext, x, cond), args.repeats), ""))
+
+    if not args.skip_models:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_models(Path(tmp))
+            xm = x[: args.model_images]
+            k = xm.shape[0]
+            reps = max(1, min(2, args.repeats))
+            for name in ("hed", "depth"):
+                ext = get_extractor(name, comfyui_root=tmp)
+                rows.append((f"{name} extract (random weights)", k, best_time(lambda: ext.extract(xm), reps), ""))
+                cond = ext.extract(xm)
+                rows.append((f"{name} soft fwd+bwd", k, best_time(fwd_bwd(ext, xm, cond), reps), ""))
+
+    print(f"{'what':42s} {'images':>6s} {'total ms':>10s} {'ms/image':>10s}  note")
+    for what, k, t, note in rows:
+        print(f"{what:42s} {k:6d} {t * 1e3:10.1f} {t * 1e3 / k:10.2f}  {note}")
+    return 0

@@ -118,8 +118,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         values = load_config_file(given.pop("config")) if "config" in given else {}
         values.update(given)
         config = TrainConfig.from_dict(values)
-        if config.ckpt == "demo" and config.data is None:
-            config.data = "demo"
+        if config.ckpt == "demo":
+            # The demo teacher was trained on the procedural shapes at their native size.
+            from jdm_train.demo.data import IMAGE_SIZE
+
+            config.data = "demo" if config.data is None else config.data
+            if "resolution" not in values:
+                config.resolution = IMAGE_SIZE
         return config.validate()
     except ValueError as exc:
         parser.error(str(exc))

@@ -57,10 +57,7 @@ def resolve_teacher(config: TrainConfig) -> Path:
     if config.ckpt == "demo":
         from jdm_train import demo
 
-        path = Path(getattr(demo, "TEACHER_PATH", Path(demo.__file__).parent / "assets" / "demo_teacher.safetensors"))
-        if not path.is_file():
-            raise ValueError(f"--ckpt demo: the demo teacher {path} is missing (python -m jdm_train.demo.train_teacher)")
-        return path
+        return demo.teacher_path()
     return model_io.resolve_model(config.ckpt, "checkpoints", config.comfyui_root)
 
 
@@ -68,8 +65,7 @@ def load_dataset(config: TrainConfig):
     if config.data == "demo":
         from jdm_train.demo.data import ShapesDataset
 
-        return ShapesDataset(resolution=config.resolution) if "resolution" in ShapesDataset.__init__.__code__.co_varnames \
-            else ShapesDataset()
+        return ShapesDataset(resolution=config.resolution)
     if not config.data:
         raise ValueError("--data: a folder of captioned images is required (or --ckpt demo)")
     return CaptionedImageFolder(config.data, config.resolution)
@@ -340,10 +336,12 @@ class Trainer:
         self._backward(fake_loss * scale, self.roles.groups["fake"])
         total = fake_loss.detach()
         if cfg.objective == "jdm" and cfg.consistency_weight > 0:
-            t_k = losses.sample_timesteps(n, cfg.t_min + 20, cfg.t_max, self.device, self.rng("cons_t", micro))
+            gap = min(20, cfg.t_max - cfg.t_min)  # t_k - t_{k-1} of the consistency discretisation
+            t_k = losses.sample_timesteps(n, cfg.t_min + gap, cfg.t_max, self.device, self.rng("cons_t", micro))
             eps_c = self.randn(x.shape, "cons_eps", micro)
             with self.accelerator.autocast():
-                c_loss, c_logs = losses.consistency_loss(roles.consistency, x, eps_c, t_k, t_k - 20, self.schedule, cond)
+                c_loss, c_logs = losses.consistency_loss(roles.consistency, x, eps_c, t_k, t_k - gap, self.schedule,
+                                                         cond)
             self._backward(cfg.consistency_weight * c_loss * scale, self.roles.groups["consistency"])
             logs.update(c_logs)
             total = total + c_loss.detach()
@@ -463,7 +461,12 @@ class Trainer:
             load_checkpoint(self, find_checkpoint(self.output_dir, cfg.resume))
         if cfg.report_to and acc.is_main_process:
             acc.init_trackers("jdm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, self._request_stop)
+            except ValueError:  # not the main thread: no graceful stop, the run still works
+                pass
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="jdm")
         status = 0
         try:

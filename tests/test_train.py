@@ -219,3 +219,24 @@ def test_two_processes_end_with_identical_replicas(world, tmp_path):
     digests = state["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     model_io.load_controlnet(out / "jdm_canny.safetensors")
+
+
+def test_comfyui_root_layout_taesd_decoder_and_tensorboard(world, tmp_path):
+    """Names resolve in <root>/models/..., exports land in models/unet and models/controlnet,
+    the condition term decodes with a ComfyUI-layout taesd_decoder.safetensors, logs go to tensorboard."""
+    root = tmp_path / "ComfyUI"
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    os.link(world["ckpt"], root / "models" / "checkpoints" / "tiny.safetensors")
+    taesd = fixtures.make_taesd_vae(seed=5)
+    decoder = {k[len("taesd_decoder."):]: v for k, v in model_io.taesd_from_diffusers(taesd.state_dict()).items()
+               if k.startswith("taesd_decoder.")}
+    model_io.save_state_dict(root / "models" / "vae_approx" / "taesd_decoder.safetensors", decoder, {})
+    status = cli.main(["--ckpt", "tiny.safetensors", "--comfyui-root", str(root), "--data", str(world["data"]),
+                       "--resolution", RES, "--max-steps", "1", "--cond-decoder", "taesd", "--output", "mine",
+                       "--report-to", "tensorboard", "--mixed-precision", "bf16"])
+    assert status == 0
+    _check_export(root / "models" / "unet" / "mine.safetensors", "student", "canny")
+    _check_export(root / "models" / "controlnet" / "mine_canny.safetensors", "controlnet", "canny")
+    run_dir = root / "models" / "jdm_runs" / "mine"
+    assert (run_dir / "checkpoint-1").is_dir()
+    assert list(run_dir.rglob("events.out.tfevents.*")), "tensorboard event file"

@@ -237,13 +237,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _metadata(kind: str, metadata: Mapping[str, Any] | None, extra: Mapping[str, Any]) -> dict[str, str]:
+def export_metadata(kind: str, metadata: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """safetensors metadata for an export: every ``jdm.*`` key present (empty when unknown),
+    ``jdm.kind`` defaulting to ``kind``, non-string values JSON-encoded (``jdm.config``)."""
     meta = {"jdm.kind": kind, "jdm.control": "", "jdm.timestep": "", "jdm.base": "", "jdm.config": "{}"}
-    for k, v in {**(metadata or {}), **extra}.items():
+    for k, v in {**(metadata or {}), **(extra or {})}.items():
         if v is None:
             continue
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     return meta
+
+
+_metadata = export_metadata  # the trainer's first name for it
 
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
@@ -416,7 +422,8 @@ def infer_clip_config(clip_sd: Mapping[str, torch.Tensor], heads: int | None = N
 # --------------------------------------------------------------------------- building modules
 
 
-def _load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+def _load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, what: str,
+                 assign: bool = False) -> None:
     """Load every tensor and fail loudly on anything missing, unexpected or misshapen."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -427,13 +434,27 @@ def _load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: P
             f"{path}: {what} weights do not match the inferred architecture: "
             f"{len(set(own) & set(sd))}/{len(own)} keys loaded; missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, wrong shape {bad[:5]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, strict=True, assign=assign)
+
+
+def _instantiate(cls, config: dict, sd: Mapping[str, torch.Tensor], path: Path, what: str, dtype=None):
+    """``cls(**config)`` holding ``sd``, built on the meta device so the weights are not
+    randomly initialised first (13 s for the SD1.5 UNet on one core)."""
+    with torch.device("meta"):
+        model = cls(**config)
+    if any(b.is_meta for b in model.buffers()):  # buffers are not in the state dict
+        model = cls(**config)
+        _load_strict(model, sd, path, what)
+        return model
+    target = dtype or torch.float32
+    _load_strict(model, {k: v.to(target) for k, v in sd.items()}, path, what, assign=True)
+    return model
 
 
 def _finish(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     if device is not None:
         model.to(device)
-    if dtype is not None:
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         model.to(dtype)
     return model.eval().requires_grad_(False)
 
@@ -445,8 +466,7 @@ def build_unet(unet_sd: Mapping[str, torch.Tensor], path: Path, config: dict | N
 
     config = dict(config or infer_unet_config(unet_sd))
     converted = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in unet_sd.items()}, config)
-    unet = UNet2DConditionModel(**config)
-    _load_strict(unet, converted, path, "UNet")
+    unet = _instantiate(UNet2DConditionModel, config, converted, path, "UNet", dtype)
     return _finish(unet, device, dtype)
 
 
@@ -463,8 +483,7 @@ def build_vae(vae_sd: Mapping[str, torch.Tensor], path: Path, device=None, dtype
         raise ValueError(f"{path}: found no VAE (first_stage_model.encoder.*); expected an SD1.x checkpoint with its VAE")
     config = infer_vae_config(vae_sd)
     converted = convert_ldm_vae_checkpoint(vae_sd, config)
-    vae = AutoencoderKL(**config)
-    _load_strict(vae, converted, path, "VAE")
+    vae = _instantiate(AutoencoderKL, config, converted, path, "VAE", dtype)
     return _finish(vae, device, dtype)
 
 
@@ -650,8 +669,7 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     config["conditioning_channels"] = int(cn_sd["input_hint_block.0.weight"].shape[1])
     config["conditioning_embedding_out_channels"] = tuple(hint)
     converted = convert_controlnet_checkpoint(cn_sd, config)
-    model = ControlNetModel(**config)
-    _load_strict(model, converted, path, "ControlNet")
+    model = _instantiate(ControlNetModel, config, converted, path, "ControlNet", dtype)
     return _finish(model, device, dtype)
 
 
@@ -845,7 +863,7 @@ def save_unet_ldm(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | N
     """
     _check_unet_exportable(unet)
     sd = {prefix + k: (v.to(dtype) if dtype else v) for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
-    meta = _metadata("student", metadata, {"jdm.unet_config": _unet_config_json(unet),
+    meta = export_metadata("student", metadata, {"jdm.unet_config": _unet_config_json(unet),
                                            "jdm.unet_heads": str(_heads(unet))})
     return save_state_dict(path, sd, meta)
 
@@ -866,7 +884,7 @@ def save_controlnet_ldm(path: str | os.PathLike, controlnet, metadata: Mapping[s
             f"ControlNet conditioning_embedding_out_channels={emb}: ComfyUI's cldm ControlNet "
             f"hard-codes {CLDM_HINT_CHANNELS}; expected that")
     sd = {k: (v.to(dtype) if dtype else v) for k, v in controlnet_diffusers_to_ldm(controlnet.state_dict()).items()}
-    return save_state_dict(path, sd, _metadata("controlnet", metadata, {"jdm.unet_heads": str(_heads(controlnet))}))
+    return save_state_dict(path, sd, export_metadata("controlnet", metadata, {"jdm.unet_heads": str(_heads(controlnet))}))
 
 
 def save_sd1_checkpoint(path: str | os.PathLike, unet, vae, text_encoder, metadata: Mapping[str, Any] | None = None,
@@ -886,4 +904,4 @@ def save_sd1_checkpoint(path: str | os.PathLike, unet, vae, text_encoder, metada
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     extra = {"jdm.text_heads": str(text_encoder.config.num_attention_heads), "jdm.unet_heads": str(_heads(unet))}
-    return save_state_dict(path, sd, _metadata("checkpoint", metadata, extra))
+    return save_state_dict(path, sd, export_metadata("checkpoint", metadata, extra))

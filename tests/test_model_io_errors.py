@@ -83,7 +83,7 @@ def test_sd2_checkpoint_openclip_keys(ckpt_sd, tmp_path):
 def test_sd2_v_prediction_by_context_dim(tmp_path):
     unet = fixtures.make_unet((32, 64), 1, cross_attention_dim=1024)
     vae = fixtures.make_vae((32, 32), 1)
-    te = fixtures.make_text_encoder(1024, 1, 64, num_attention_heads=16)
+    te = fixtures.make_text_encoder(64, 1, 64)
     p = model_io.save_sd1_checkpoint(tmp_path / "sd2ish.safetensors", unet, vae, te)
     expect_error(p, "SD2.x UNet (context dim 1024", "v-prediction", "expected an SD1.x checkpoint (context dim 768)")
 

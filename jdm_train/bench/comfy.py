@@ -92,7 +92,7 @@ def pack_object_info(nodes_module, prefix: str = "JDM_") -> dict[str, Any]:
 
 
 def empty_file_lists(info: dict[str, Any]) -> dict[str, Any]:
-    """Empty the options of combos that list model files (they depend on the machine)."""
+    """Empty (in place) the options of combos that list model files (they depend on the machine)."""
     for node in info.values():
         for group in node.get("input", {}).values():
             for name, spec in group.items():

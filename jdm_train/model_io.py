@@ -166,21 +166,25 @@ def resolve_model(
     p = Path(raw).expanduser()
     if from_node and ".." in Path(raw.replace("\\", "/")).parts:
         raise ValueError(f"model name {raw!r} contains '..'; names from a node must stay inside the model folders")
+    # containment is judged on normalised, unresolved paths: model files are often
+    # symlinks to a shared disk, and that must not count as leaving the folder
     if p.is_absolute():
-        rp = p.resolve()
-        if from_node and not _inside(rp, [d.resolve() for d in dirs]):
+        ap = Path(os.path.normpath(p))
+        if from_node and not (_inside(ap, [Path(os.path.normpath(d.absolute())) for d in dirs])
+                              or _inside(ap.resolve(), [d.resolve() for d in dirs])):
             raise ValueError(
                 f"absolute path {raw!r} is outside the {folder} model folders "
                 f"{[str(d) for d in dirs]}; names from a node must stay inside them")
-        if rp.is_file():
-            return rp
+        if ap.is_file():
+            return ap
         raise ValueError(f"model file {raw!r} does not exist")
     for d in dirs:
-        cand = (d / p).resolve()
-        if cand.is_file() and _inside(cand, [d.resolve()]):
+        base = Path(os.path.normpath(d.absolute()))
+        cand = Path(os.path.normpath(base / p))
+        if _inside(cand, [base]) and cand.is_file():
             return cand
     if not from_node and p.is_file():
-        return p.resolve()
+        return Path(os.path.normpath(p.absolute()))
     looked = [str(d) for d in dirs] + ([] if from_node else [f"{Path.cwd()} (working directory)"])
     hint = "" if dirs else " (no ComfyUI root known: pass --comfyui-root or set COMFYUI_PATH)"
     raise ValueError(f"{folder} model {raw!r} not found; looked in: {', '.join(looked)}{hint}")
@@ -611,21 +615,23 @@ def load_sd1_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype
         raise ValueError(f"{path}: found a UNet-only checkpoint (no {' / '.join(missing)} keys); {expected}")
     heads = int(meta["jdm.text_heads"]) if "jdm.text_heads" in meta else None
     unet_heads = int(meta.get("jdm.unet_heads", SD1_ATTENTION_HEADS))
-    return SD1Pipeline(
-        unet=build_unet(unet_sd, path, infer_unet_config(unet_sd, unet_heads), device, dtype),
-        vae=build_vae(_strip(sd, VAE_PREFIX), path, device, dtype),
-        text_encoder=build_text_encoder(clip_sd, path, heads, device, dtype),
-        tokenizer=load_tokenizer(path, comfyui_root),
-        scheduler=load_scheduler(),
-        path=path,
-    )
+    try:
+        unet = build_unet(unet_sd, path, infer_unet_config(unet_sd, unet_heads), device, dtype)
+        vae = build_vae(_strip(sd, VAE_PREFIX), path, device, dtype)
+        text_encoder = build_text_encoder(clip_sd, path, heads, device, dtype)
+    except KeyError as e:  # a part whose layout is not SD1.x LDM
+        raise ValueError(f"{path}: missing key {e}; {expected}") from e
+    return SD1Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(path, comfyui_root),
+                       scheduler=load_scheduler(), path=path)
 
 
 def convert_clip_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``text_model.*`` keys of the CLIP-L encoder in an LDM checkpoint (diffusers' converter)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-    return convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)})
+    clip = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)})
+    # checkpoints saved with transformers < 4.0 lack the text_model. level
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
 
 
 def load_unet(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, allow_pickle: bool = False):

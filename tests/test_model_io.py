@@ -242,3 +242,15 @@ def test_atomic_write_replaces_and_failed_write_keeps_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["w.safetensors"]
     with pytest.raises(ValueError, match=r"\.safetensors"):
         model_io.save_state_dict(tmp_path / "w.ckpt", {"a": torch.zeros(1)}, {})
+
+
+def test_checkpoint_with_old_clip_keys_and_extra_ldm_keys_loads(tiny_ckpt, tmp_path):
+    # older SD1.x files: CLIP keys without `text_model.`, position_ids, and schedule buffers
+    sd, meta = model_io.read_state_dict(tiny_ckpt)
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in sd.items()}
+    old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
+    old["alphas_cumprod"] = torch.ones(1000)
+    p = model_io.save_state_dict(tmp_path / "old.safetensors", old, meta)
+    a = model_io.load_sd1_checkpoint(p).text_encoder.state_dict()
+    b = model_io.load_sd1_checkpoint(tiny_ckpt).text_encoder.state_dict()
+    assert_same_tensors(a, b)

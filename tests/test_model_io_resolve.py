@@ -119,3 +119,13 @@ def test_comfyui_containing_the_pack_is_a_root(roots, tmp_path, monkeypatch):
     assert mod.comfyui_roots() == [root.resolve()]
     assert mod.resolve_model("pack.safetensors", "checkpoints") == ck
     assert model_io._enclosing_comfyui() is None or model_io._enclosing_comfyui() != root.resolve()
+
+
+def test_symlinked_model_file_inside_the_folder_is_found(roots, tmp_path):
+    arg, _ = roots
+    real = touch(tmp_path / "shared_disk" / "sd15.safetensors")
+    link = arg / "models" / "checkpoints" / "sd15.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    found = model_io.resolve_model("sd15.safetensors", "checkpoints", comfyui_root=arg, from_node=True)
+    assert found.samefile(real) and found.parent == (arg / "models" / "checkpoints").resolve()

@@ -280,9 +280,11 @@ def train(
             loss, flog = losses.fake_score_loss(fake.denoise, x, torch.randn(batch, 2, generator=gen), t, s)
             if use_disc:
                 t_d = losses.sample_timesteps(batch, generator=gen)
-                real = fake.discriminator(s.add_noise(x_data, torch.randn(batch, 2, generator=gen), t_d), t_d)
-                fake_l = fake.discriminator(s.add_noise(x, torch.randn(batch, 2, generator=gen), t_d), t_d)
-                d_loss, dlog = losses.discriminator_loss(real, fake_l)
+                eps_d = torch.randn(batch, 2, generator=gen)
+                with torch.no_grad():  # as in the SD trainer: the head learns, the fake score's features do not
+                    real_f = fake.features(s.add_noise(x_data, eps_d, t_d), t_d)
+                    fake_f = fake.features(s.add_noise(x, eps_d, t_d), t_d)
+                d_loss, dlog = losses.discriminator_loss(fake.disc_head(real_f).squeeze(1), fake.disc_head(fake_f).squeeze(1))
                 loss = loss + d_loss
                 flog.update(dlog)
             opt_f.zero_grad(set_to_none=True)

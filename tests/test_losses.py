@@ -297,3 +297,20 @@ def test_dsm_controlnet_loss_regresses_onto_data():
     torch.testing.assert_close(loss, x.pow(2).mean())
     assert seen["c"] == "canny" and bool((seen["t"] == 999).all())
     torch.testing.assert_close(seen["x_t"], S.add_noise(x, eps, seen["t"]))
+
+
+def test_timesteps_and_user_errors():
+    t = losses.sample_timesteps(10_000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) == 20 and int(t.max()) == 980
+    with pytest.raises(ValueError, match="t_min"):
+        losses.sample_timesteps(4, 500, 100)
+    x, eps, t = _batch(14)
+    den = gaussian_denoiser(torch.zeros_like(x[:1]), 1.0)
+    with pytest.raises(ValueError, match="consistency_denoise"):
+        losses.generator_direction(x, t, eps, S, den, den, log_likelihood=lambda i: i.flatten(1).sum(1))
+    with pytest.raises(ValueError, match="guidance_denoise"):
+        losses.generator_direction(x, t, eps, S, den, den, cfg_scale=3.0)
+    with pytest.raises(ValueError, match="divergence"):
+        losses.f_divergence_weight(torch.zeros(3), "tv")
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        losses.condition_gradient(x, t, den, lambda img: img.sum())

@@ -5,7 +5,8 @@ fidelity to the true conditionals (sliced W2 to exact samples of p(x|c), average
 floor row is a second exact sample), consistency (mean true p(c|x) of samples given c), light-mode
 mass (p(c)-weighted fraction of samples on the 5% mode) and time. `--seeds 0 1 2 3` prints the
 spread over seeds of JDM / DSM ControlNet / implicit VSD instead (what the CI test's margins come
-from); `--sweep` prints JDM (reverse-KL) over condition weights.
+from; with `--divergences rkl js fkl` the spread of JDM per divergence, for light-mode coverage);
+`--sweep` prints JDM (reverse-KL) over condition weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="generator steps per method (default 600)")
     p.add_argument("--seed", type=int, default=0, help="training seed of the main table (default 0)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="print the spread of JDM/DSM/VSD over these seeds")
+    p.add_argument("--divergences", nargs="+", default=None, choices=DIVERGENCES,
+                   help="with --seeds: spread of JDM with these divergences (light-mode coverage) instead of the baselines")
     p.add_argument("--sweep", action="store_true", help="print JDM (rkl) over condition weights 1, 0.3, 0.1, 0.03, 0.01")
     p.add_argument("--condition-weight", type=float, default=toy.TOY_CONDITION_WEIGHT, help="JDM condition weight (default %(default)s)")
     p.add_argument("--n", type=int, default=4000, help="evaluation samples per condition (default 4000)")
@@ -76,8 +79,12 @@ def _spread(world: toy.ToyWorld, args, floor: dict) -> int:
     print(f"spread over seeds {args.seeds} (mean / std / min / max); floor SW2 {floor['sw2']:.3f}, truth consistency {floor['consistency']:.3f}")
     print("| method | metric | mean | std | min | max |")
     print("|---|---|---|---|---|---|")
-    for name, method in (("JDM rkl", "jdm"), ("DSM ControlNet", "dsm"), ("implicit VSD", "vsd")):
-        results = [run(world, method, "rkl", args, s) for s in args.seeds]
+    if args.divergences:
+        plan = [(f"JDM {d}", "jdm", d) for d in args.divergences]
+    else:
+        plan = [("JDM rkl", "jdm", "rkl"), ("DSM ControlNet", "dsm", "rkl"), ("implicit VSD", "vsd", "rkl")]
+    for name, method, div in plan:
+        results = [run(world, method, div, args, s) for s in args.seeds]
         for key in ("sw2", "consistency", "light_mass"):
             v = [r[key] for r in results]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0

@@ -119,8 +119,13 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, accelerator=None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.config = config.validate()
+        if accelerator is None and AcceleratorState._shared_state:
+            # A second run in one process (tests, notebooks) may ask for another precision; the
+            # process group (PartialState) is kept, only the precision state is rebuilt.
+            AcceleratorState._reset_state()
         self.output_dir = default_output_dir(config)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=config.cpu or not _has_accelerator(),

@@ -68,7 +68,8 @@ def canny_run(world):
 def lowres_lora_run(world):
     out = world["base"] / "lowres"
     status = cli.main(_argv(world, out, "--control", "lowres", "--divergence", "js", "--max-steps", "2",
-                            "--student-lora-rank", "4", "--fake-lora-rank", "4", "--lr-student", "3e-2"))
+                            "--student-lora-rank", "4", "--fake-lora-rank", "4", "--lr-student", "3e-2",
+                            "--cfg-scale", "1.5", "--cfg-teacher", str(world["ckpt"])))
     return status, out
 
 
@@ -138,7 +139,8 @@ def test_extend_phase_trains_only_a_new_controlnet(world, canny_run):
     out = world["base"] / "extend"
     student_before = load_file(first / "jdm.safetensors")
     status = cli.main(_argv(world, out, "--phase", "extend", "--student", str(first / "jdm.safetensors"),
-                            "--control", "lowres", "--max-steps", "2", "--output", "ext"))
+                            "--control", "lowres", "--max-steps", "2", "--output", "ext",
+                            "--gradient-accumulation-steps", "2", "--fake-updates-per-step", "2"))
     assert status == 0
     assert not (out / "ext.safetensors").exists(), "the frozen student is not exported again"
     _check_export(out / "ext_lowres.safetensors", "controlnet", "lowres")

@@ -298,7 +298,8 @@ def merged_student_unet(roles: Roles) -> nn.Module:
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        state[key] = value + deltas[key].to(value) if key in deltas else value.clone()
+        # Merged in fp32: the base may be stored in half precision, the LoRA delta is small.
+        state[key] = value.float() + deltas[key].float() if key in deltas else value.float()
     merged = type(unet).from_config(unet.config)
     merged.load_state_dict(state)
     return merged.to(device=next(unet.parameters()).device).requires_grad_(False)

@@ -144,8 +144,10 @@ class Trainer:
                                             comfyui_root=config.comfyui_root)
         self.teacher_path = teacher_path
         self.tokenizer = pipe.tokenizer
-        self.text_encoder = pipe.text_encoder.to(self.device).requires_grad_(False).eval()
-        self.vae = pipe.vae.to(self.device).requires_grad_(False).eval()
+        # Frozen weights are stored in the autocast precision (they are never updated), trained ones in fp32.
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.text_encoder = pipe.text_encoder.to(self.device, self.weight_dtype).requires_grad_(False).eval()
+        self.vae = pipe.vae.to(self.device, self.weight_dtype).requires_grad_(False).eval()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         frozen_student = None
@@ -159,16 +161,21 @@ class Trainer:
             consistency_lora_rank=config.consistency_lora_rank, frozen_student=frozen_student,
             discriminator=config.divergence != "rkl" or config.gan_weight > 0, vae_scale_factor=self.vae_scale_factor,
             gradient_checkpointing=config.gradient_checkpointing)
+        trained = {id(p) for ps in self.roles.groups.values() for p in ps}
         for module in self.roles.modules.values():
             module.to(self.device)
+            for p in module.parameters():
+                if id(p) not in trained:
+                    p.data = p.data.to(self.weight_dtype)
         self.guidance = None
         if config.cfg_scale != 1.0:
             if config.cfg_teacher:
                 gpipe = model_io.load_sd1_checkpoint(model_io.resolve_model(config.cfg_teacher, "checkpoints",
                                                                             config.comfyui_root),
                                                      allow_pickle=config.allow_pickle)
-                self.guidance_text_encoder = gpipe.text_encoder.to(self.device).requires_grad_(False)
-                self.guidance = UNetDenoiser(gpipe.unet.to(self.device).requires_grad_(False), self.schedule)
+                self.guidance_text_encoder = gpipe.text_encoder.to(self.device, self.weight_dtype).requires_grad_(False)
+                self.guidance = UNetDenoiser(gpipe.unet.to(self.device, self.weight_dtype).requires_grad_(False),
+                                             self.schedule)
             else:
                 self.guidance = self.roles.teacher
         from jdm_train.extractors import get_extractor
@@ -177,7 +184,7 @@ class Trainer:
         self.decoder = self.vae
         if config.cond_decoder == "taesd":
             self.decoder = load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
-                                              self.device)
+                                              self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
         self.dataset = load_dataset(config)
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
@@ -234,14 +241,15 @@ class Trainer:
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Data latents (B, 4, h, w) in diffusion scale: the mean of the VAE posterior (deterministic)."""
-        return self.vae.encode(images * 2 - 1).latent_dist.mode() * self.latent_scale
+        latents = self.vae.encode((images * 2 - 1).to(self.weight_dtype)).latent_dist.mode()
+        return latents.float() * self.latent_scale
 
     def decode(self, latents: Tensor) -> Tensor:
         """Differentiable latents -> images BCHW in [0, 1] through the SD VAE or TAESD (`--cond-decoder`)."""
         if self.decoder is self.vae:
-            images = self.vae.decode(latents / self.latent_scale).sample
+            images = self.vae.decode((latents / self.latent_scale).to(self.weight_dtype)).sample
         else:  # TAESD decodes diffusion-scale latents directly
-            images = self.decoder.decode(latents).sample
+            images = self.decoder.decode(latents.to(self.weight_dtype)).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def load_batch(self, micro: int) -> dict:

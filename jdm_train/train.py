@@ -138,6 +138,7 @@ class Trainer:
         self.nonfinite_run = 0
         self.stop_requested = False
         self._text_cache: dict[str, Tensor] = {}
+        self._tapped: tuple[Tensor, Tensor] | None = None
 
         teacher_path = resolve_teacher(config)
         pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle,
@@ -268,13 +269,30 @@ class Trainer:
         return (batch, self.roles.student.unet.config.in_channels, size, size)
 
     def _discriminator_logits(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """(B,) logits of log p_phi / p_theta at (x_t, t) from the fake score's bottleneck features."""
+        tap = self.roles.fake_tap
+        if self._tapped is not None and self._tapped[0] is x_t:
+            features = self._tapped[1]  # the fidelity term's fake-score pass at this very x_t
+        else:
+            tap.enabled = True
+            try:
+                self.roles.fake(x_t, t, cond)
+            finally:
+                tap.enabled = False
+            features = tap.value
+        self._tapped = None
+        return self.roles.discriminator(features)
+
+    def _fake_with_features(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The fake score, keeping its bottleneck features for `_discriminator_logits` at the same x_t."""
         tap = self.roles.fake_tap
         tap.enabled = True
         try:
-            self.roles.fake(x_t, t, cond)
+            x0 = self.roles.fake(x_t, t, cond)
         finally:
             tap.enabled = False
-        return self.roles.discriminator(tap.value)
+        self._tapped = (x_t, tap.value)
+        return x0
 
     # ------------------------------------------------------------------ the two updates
 
@@ -304,14 +322,16 @@ class Trainer:
             if self.reward_fn is not None:
                 captions = batch["captions"]
                 terms["reward"] = lambda img: self.reward_fn(img, captions).reshape(-1).float()
+        fake = roles.fake
         if cfg.divergence != "rkl":
             terms["discriminator"] = self._discriminator_logits
+            fake = self._fake_with_features
         if self.guidance is not None:
             gcond, gunc = self.guidance_conds(batch)
             terms.update(guidance_denoise=self.guidance, guidance_cond=gcond, guidance_uncond=gunc,
                          cfg_scale=cfg.cfg_scale)
         with self.accelerator.autocast():
-            loss, logs = losses.generator_loss(x, t, eps, self.schedule, roles.teacher, roles.fake, cond, **terms)
+            loss, logs = losses.generator_loss(x, t, eps, self.schedule, roles.teacher, fake, cond, **terms)
             if cfg.gan_weight > 0:
                 # Non-saturating generator GAN term on the same noised student sample (f-distill).
                 logits = self._discriminator_logits(self.schedule.add_noise(x, eps, t), t, cond)
@@ -417,7 +437,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One generator update (accumulated over micro-batches) then `fake_updates_per_step` fake-score updates.
 
-        A non-finite loss anywhere discards the whole step (no parameter changes) and is counted."""
+        A non-finite loss skips that update (all its micro-batches, on every process) and is counted."""
         cfg = self.config
         logs: dict = {}
         samples = []

@@ -117,7 +117,8 @@ def one_step_vs_teacher_graph():
 
 
 def object_info() -> dict:
-    return wf.load_object_info(SHARED_OBJECT_INFO, HERE / "object_info.json")
+    core = SHARED_OBJECT_INFO if SHARED_OBJECT_INFO.is_file() else HERE / "core_object_info.json"
+    return wf.load_object_info(core, HERE / "object_info.json")
 
 
 def workflows() -> dict[str, dict]:

@@ -127,6 +127,10 @@ class TrainConfig:
             bad("checkpoints_total_limit", self.checkpoints_total_limit, "an integer >= 1")
         if self.phase == "extend" and not self.student:
             bad("student", self.student, "the student UNet to freeze (required with --phase extend)")
+        if self.gan_weight > 0 and self.gradient_checkpointing and (self.student_lora_rank or self.fake_lora_rank):
+            # One backward would recompute student and fake-score segments of one shared base,
+            # each needing its own adapters.
+            bad("gan_weight", self.gan_weight, "0 with --gradient-checkpointing and LoRA ranks > 0")
         if self.reward is not None and ":" not in self.reward:
             bad("reward", self.reward, "MODULE:FUNCTION")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):

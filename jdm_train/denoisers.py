@@ -89,9 +89,14 @@ class UNetDenoiser:
         self.unet, self.schedule, self.switch, self.adapters = unet, schedule, switch, adapters
         self.controlnet, self.control_scale = controlnet, control_scale
 
-    def eps(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def activate(self) -> None:
+        """Select this role's adapters. Call before back-propagating through a gradient-checkpointed
+        pass of this role: the recomputation runs with whatever adapters are active then."""
         if self.switch is not None:
             self.switch.activate(self.adapters)
+
+    def eps(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        self.activate()
         extra = {}
         if self.controlnet is not None:
             if cond.control is None:

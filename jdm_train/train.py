@@ -448,6 +448,7 @@ class Trainer:
             loss, glogs, x = self.generator_step(batch)
             gen_total = gen_total + loss.detach()
             if torch.isfinite(loss):
+                self.roles.student.activate()
                 self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
             samples.append(x)
             logs.update(glogs)

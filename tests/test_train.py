@@ -242,3 +242,16 @@ def test_comfyui_root_layout_taesd_decoder_and_tensorboard(world, tmp_path):
     run_dir = root / "models" / "jdm_runs" / "mine"
     assert (run_dir / "checkpoint-1").is_dir()
     assert list(run_dir.rglob("events.out.tfevents.*")), "tensorboard event file"
+
+
+def test_gradient_checkpointing_with_shared_base_matches_plain_run(world, tmp_path):
+    """Recomputation in the backward pass must run with the adapters of the role being
+    differentiated, not whichever role ran last on the shared base."""
+    common = ("--max-steps", "2", "--student-lora-rank", "4", "--fake-lora-rank", "4", "--lr-student", "1e-2",
+              "--checkpoint-every", "2")
+    assert cli.main(_argv(world, tmp_path / "plain", *common)) == 0
+    assert cli.main(_argv(world, tmp_path / "ckpt", *common, "--gradient-checkpointing")) == 0
+    a = load_file(tmp_path / "plain" / "checkpoint-2" / "trainable.safetensors")
+    b = load_file(tmp_path / "ckpt" / "checkpoint-2" / "trainable.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -28,18 +28,6 @@ import numpy as np
 import torch
 
 
-def _median_time(fn, repeat: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _write_data(folder: Path, n: int = 4, size: int = 72) -> Path:
     from PIL import Image
 
@@ -128,19 +116,30 @@ def bench_tiny(repeat: int) -> int:
         work = Path(tmp)
         ckpt = fixtures.write_tiny_sd1_checkpoint(work / "tiny.safetensors")
         trainer = _trainer(ckpt, _write_data(work / "data"), work, resolution=64, batch_size=2, cpu=True)
-        snapshot = {k: v.clone() for k, v in trainer.roles.trainable_state().items()}
 
         def step():
             trainer.train_step()
             trainer.step += 1
 
-        step_time = _median_time(step, repeat)
-        trainer.roles.load_trainable_state(snapshot)
-        passes = {name: _median_time(fn, repeat) for name, fn in model_passes(trainer).items()}
+        passes_fns = model_passes(trainer)
+        # Interleaved rounds: on a shared CPU the load drifts, and both sides should see the same drift.
+        step(), [fn() for fn in passes_fns.values()]
+        step_times, pass_times = [], {name: [] for name in passes_fns}
+        for _ in range(repeat):
+            start = time.perf_counter()
+            step()
+            step_times.append(time.perf_counter() - start)
+            for name, fn in passes_fns.items():
+                start = time.perf_counter()
+                fn()
+                pass_times[name].append(time.perf_counter() - start)
         for opt in trainer.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        step_time = statistics.median(step_times)
+        passes = {name: statistics.median(ts) for name, ts in pass_times.items()}
     total = sum(passes.values())
-    print(f"one JDM step, tiny SD1.x checkpoint, 64 px, batch 2, threads {torch.get_num_threads()}, median of {repeat}")
+    print(f"one JDM step, tiny SD1.x checkpoint, 64 px, batch 2, threads {torch.get_num_threads()}, "
+          f"median of {repeat} interleaved rounds")
     print(f"| {'part':<48} | {'ms':>9} |")
     print(f"|{'-' * 50}|{'-' * 11}|")
     for name, seconds in passes.items():
@@ -158,6 +157,14 @@ def _full_worker(ckpt: str, mode: str, resolution: int) -> None:
     low = mode == "low-memory"
     overrides = dict(resolution=resolution, batch_size=1, gradient_checkpointing=low,
                      student_lora_rank=64 if low else 0, fake_lora_rank=64 if low else 0)
+    if low:
+        from jdm_train import fixtures, model_io
+
+        taesd = {k[len("taesd_decoder."):]: v for k, v in
+                 model_io.taesd_from_diffusers(fixtures.make_taesd_vae().state_dict()).items()
+                 if k.startswith("taesd_decoder.")}
+        path = model_io.save_state_dict(work / "taesd_decoder.safetensors", taesd, {})
+        overrides.update(mixed_precision="bf16", cond_decoder="taesd", taesd=str(path))
     trainer = _trainer(Path(ckpt), _write_data(work / "data", n=1, size=resolution), work, **overrides)
     cuda = trainer.device.type == "cuda"
     if cuda:
@@ -178,10 +185,13 @@ _SD15_UNET, _SD15_CONTROLNET, _SD15_REST = 859.5e6, 361.3e6, 207e6
 
 
 def estimated_bytes(mode: str) -> float:
-    """fp32 weights + grads + AdamW moments of what a mode trains, plus its frozen weights (no activations)."""
-    trained = _SD15_CONTROLNET + (0 if mode == "low-memory" else 2 * _SD15_UNET)
-    frozen = _SD15_UNET + _SD15_REST
-    return 4 * frozen + 16 * trained
+    """fp32 weights + grads + AdamW moments of what a mode trains, plus its frozen weights (no activations).
+
+    low-memory: student and fake score are LoRAs on one frozen base kept in bf16, TAESD decodes the
+    condition term, gradient checkpointing; default: full fp32 copies for teacher, student, fake score."""
+    if mode == "low-memory":
+        return 2 * (_SD15_UNET + _SD15_REST) + 16 * _SD15_CONTROLNET
+    return 4 * (_SD15_UNET + _SD15_REST) + 16 * (_SD15_CONTROLNET + 2 * _SD15_UNET)
 
 
 def _available_ram() -> float:
@@ -195,15 +205,16 @@ def _available_ram() -> float:
 
 
 def bench_full(modes: list[str], resolution: int) -> int:
-    from jdm_train import fixtures
-
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = fixtures.write_full_sd1_checkpoint(Path(tmp) / "sd15_random.safetensors")
+        # Written by a child process so that the 4 GB of fp32 modules it builds are not held here.
+        ckpt = Path(tmp) / "sd15_random.safetensors"
+        subprocess.run([sys.executable, "-c", "import sys; from jdm_train import fixtures; "
+                        "fixtures.write_full_sd1_checkpoint(sys.argv[1])", str(ckpt)], check=True)
         rows = []
         for mode in modes:
-            need = estimated_bytes(mode)
+            need = estimated_bytes(mode) + 3 * 2**30  # + activations at 512 px with checkpointing
             if not torch.cuda.is_available() and need > 0.9 * _available_ram():
-                rows.append((mode, None, [f"skipped: needs ~{need / 2**30:.0f} GiB of weights/grads/Adam, "
+                rows.append((mode, None, [f"skipped: needs ~{need / 2**30:.0f} GiB (weights/grads/Adam + activations), "
                                           f"{_available_ram() / 2**30:.0f} GiB RAM available"]))
                 continue
             proc = subprocess.run([sys.executable, "-m", "jdm_train.bench", "step", "--_worker", str(ckpt), mode,

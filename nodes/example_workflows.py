@@ -9,10 +9,11 @@ Pure Python: no ComfyUI needed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from jdm_train.bench.comfy import load_pack_module
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -27,15 +28,7 @@ PROMPT = "a photograph of a cozy living room with a sofa and a lamp, warm light,
 NEGATIVE = "blurry, low quality, deformed"
 
 
-def _load_format():
-    spec = importlib.util.spec_from_file_location("jdm_workflow_format", HERE / "workflow_format.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("jdm_workflow_format", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-wf = _load_format()
+wf = load_pack_module("workflow_format")
 
 
 def student_graph(control: str, preprocessor: str, pre_widgets: dict, title: str, scale_input: bool = False):

@@ -9,13 +9,13 @@ shipped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from jdm_train.bench.comfy import load_pack_module
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -26,15 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-wf = _load("jdm_workflow_format", REPO / "nodes" / "workflow_format.py")
+wf = load_pack_module("workflow_format")
 
 
 def _write_models(base: Path) -> None:
@@ -46,7 +38,7 @@ def _write_models(base: Path) -> None:
     from jdm_train import fixtures
     from jdm_train.extractors.hed import HEDNetwork
 
-    gen = _load("jdm_example_workflows", REPO / "nodes" / "example_workflows.py")
+    gen = load_pack_module("example_workflows")
     m = base / "models"
     fixtures.write_comfy_detectable_sd15(m / "checkpoints" / gen.TEACHER, seed=0)
     fixtures.write_comfy_detectable_sd15(m / "checkpoints" / gen.GUIDANCE_TEACHER, seed=1)

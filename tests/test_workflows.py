@@ -7,28 +7,19 @@ plus this pack's snapshot nodes/object_info.json (kept current by the COMFYUI_PA
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from jdm_train.bench.comfy import load_pack_module
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 SHARED = Path("/work/shared/comfyui/object_info.json")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-wf = _load("jdm_workflow_format", REPO / "nodes" / "workflow_format.py")
+wf = load_pack_module("workflow_format")
 
 
 CORE_SUBSET = REPO / "nodes" / "core_object_info.json"
@@ -84,7 +75,7 @@ def test_workflow_uses_the_trainer_default_export_names(path):
 
 
 def test_shipped_workflows_are_what_the_generator_writes(object_info):
-    gen = _load("jdm_example_workflows", REPO / "nodes" / "example_workflows.py")
+    gen = load_pack_module("example_workflows")
     for name, graph in gen.workflows().items():
         assert json.loads((REPO / "workflows" / f"{name}.json").read_text()) == json.loads(json.dumps(graph)), name
 

@@ -255,3 +255,14 @@ def test_gradient_checkpointing_with_shared_base_matches_plain_run(world, tmp_pa
     b = load_file(tmp_path / "ckpt" / "checkpoint-2" / "trainable.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ckpt_demo_trains_on_the_procedural_set(tmp_path):
+    from jdm_train import demo
+
+    if not demo.TEACHER_PATH.is_file():
+        pytest.skip("the demo teacher is not shipped in this checkout")
+    out = tmp_path / "demo"
+    assert cli.main(["--ckpt", "demo", "--output-dir", str(out), "--max-steps", "1", "--control", "canny"]) == 0
+    meta = model_io.read_metadata(out / "jdm.safetensors")
+    assert meta["jdm.config"]["data"] == "demo" and meta["jdm.config"]["resolution"] == 64

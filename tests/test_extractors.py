@@ -213,3 +213,25 @@ def test_every_registered_extractor_builds():
     assert list(EXTRACTORS) == extractor_names()
     for name in extractor_names():
         assert get_extractor(name).name == name
+
+
+def test_half_precision_and_call_alias():
+    img = to_bchw(photo("rocket")[:96, :128])
+    for name in ("canny", "lowres"):
+        ext = get_extractor(name)
+        full = ext(img)
+        half = ext.extract(img.half())
+        assert half.dtype == torch.float16 and half.shape == full.shape
+        # 8-bit values survive float16, so the exact faces agree
+        assert torch.equal(half.float(), full) if name == "canny" else torch.allclose(half.float(), full, atol=1e-3)
+        soft = ext.soft(img.half())
+        assert soft.dtype == torch.float16 and torch.isfinite(soft).all()
+
+
+def test_empty_batch_and_grey_input():
+    for name in ("canny", "lowres"):
+        out = get_extractor(name).extract(torch.rand(0, 3, 16, 16))
+        assert out.shape == (0, 3, 16, 16)
+    grey = photo("camera")[:64, :80, 0]
+    out = get_extractor("canny").extract(torch.from_numpy(grey)[None, None].float() / 255)
+    assert np.array_equal(out[0, 0].numpy() > 0.5, cv2.Canny(grey, 100, 200) > 0)

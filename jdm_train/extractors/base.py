@@ -147,7 +147,8 @@ class Extractor:
         """Logits of `soft` (extractors whose distance is "bce"): (B, C, H, W) -> (B, 3, H, W)."""
         raise NotImplementedError(f"extractor {self.name!r} has no logits; its distance is {self.distance!r}")
 
-    __call__ = extract
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extract(images)
 
     def log_likelihood(self, images: torch.Tensor, cond: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         """`log p(c | x) ~= -d(soft(x), c) / tau` per image, (B,): the condition term of JDM Eq. 5."""

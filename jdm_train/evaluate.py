@@ -61,7 +61,8 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     a = psd_sqrt(cov1)
     w = np.linalg.eigvalsh(a @ cov2 @ a)
     tr_sqrt = np.sqrt(np.clip(w, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt)
+    # The distance is >= 0; round-off on (near-)identical sets can leave a tiny negative.
+    return max(0.0, float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt))
 
 
 def fid(features_a: Tensor, features_b: Tensor) -> float:

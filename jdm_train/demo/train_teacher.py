@@ -45,7 +45,10 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 32, 32, 64),
+    # GroupNorm(32) is fixed by the SD1.x layout (model I/O infers no group count); with one
+    # channel per group the norm_out layers (decoder: first width, encoder: last width) are
+    # instance norms that erase absolute colour, so those two widths are 64 (2 channels per group).
+    block_out_channels=(64, 32, 32, 64),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=32,
@@ -125,6 +128,10 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
 def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int, log, crop: int = 32) -> None:
     """L1 + L2 reconstruction + KL (SD's weight 1e-6) on random `crop` x `crop` crops."""
     gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # Start with a small posterior std (log-variance -6): with diffusers' init (std ~1) the
+        # decoder first sees mostly sampling noise, which wastes a short CPU budget.
+        vae.quant_conv.bias[vae.config.latent_channels :] -= 6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     for step in range(steps):
@@ -272,14 +279,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write the single-file SD1.x checkpoint (fp16)")
     p.add_argument("--work", type=Path, default=Path("jdm_teacher_work"), help="cache directory for stages and logs")
     p.add_argument("--n-train", type=int, default=20000, help="number of distinct training images")
-    p.add_argument("--vae-steps", type=int, default=500, help="VAE optimisation steps")
+    p.add_argument("--vae-steps", type=int, default=1600, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=8, help="VAE batch size (32x32 crops)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--unet-steps", type=int, default=1200, help="UNet + text-encoder optimisation steps")
     p.add_argument("--unet-batch", type=int, default=24, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait on each other and
+    # did ~5x less work per CPU-second than one (measured while 6 developers shared 2 cores).
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--grid-n", type=int, default=32, help="held-out captions in the sample grid")
     p.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the sample grid")
     return p.parse_args(argv)

@@ -235,3 +235,13 @@ def test_empty_batch_and_grey_input():
     grey = photo("camera")[:64, :80, 0]
     out = get_extractor("canny").extract(torch.from_numpy(grey)[None, None].float() / 255)
     assert np.array_equal(out[0, 0].numpy() > 0.5, cv2.Canny(grey, 100, 200) > 0)
+
+
+def test_canny_restores_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        get_extractor("canny").extract(torch.rand(1, 3, 32, 32))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

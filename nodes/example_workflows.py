@@ -35,25 +35,25 @@ def student_graph(control: str, preprocessor: str, pre_widgets: dict, title: str
     """image -> JDM preprocessor -> JDM ControlNet Loader -> JDM Apply ControlNet -> JDM One-Step Sampler -> decode."""
     g = wf.Graph(object_info())
     ckpt = g.node("CheckpointLoaderSimple", (20, 80), {"ckpt_name": TEACHER}, title="Teacher checkpoint (CLIP + VAE)")
-    unet = g.node("UNETLoader", (20, 260), {"unet_name": STUDENT, "weight_dtype": "default"},
+    unet = g.node("UNETLoader", (20, 240), {"unet_name": STUDENT, "weight_dtype": "default"},
                   title="JDM student (models/unet)")
     text = g.node("CLIPTextEncode", (380, 80), {"text": PROMPT}, clip=(ckpt, 1), size=(400, 180))
-    image = g.node("LoadImage", (20, 420), {"image": "example.png"}, size=(315, 320))
+    image = g.node("LoadImage", (20, 380), {"image": "example.png"}, size=(315, 320))
     src = image
     if scale_input:
-        src = g.node("ImageScale", (20, 780), {"upscale_method": "nearest-exact", "width": 512, "height": 512,
+        src = g.node("ImageScale", (20, 740), {"upscale_method": "nearest-exact", "width": 512, "height": 512,
                                                "crop": "center"}, title="Show the small image at 512 px",
                      image=(image, 0))
-    pre = g.node(preprocessor, (380, 420), pre_widgets, image=(src, 0))
+    pre = g.node(preprocessor, (380, 490), pre_widgets, image=(src, 0))
     cn = g.node("JDM_ControlNetLoader", (380, 300), {"control_net_name": f"jdm_{control}.safetensors"})
     apply = g.node("JDM_ApplyControlNet", (820, 80), {"strength": 1.0}, positive=(text, 0), control_net=(cn, 0),
                    image=(pre, 0), image_control=(pre, 1))
-    latent = g.node("EmptyLatentImage", (820, 330), {"width": 512, "height": 512, "batch_size": 1})
+    latent = g.node("EmptyLatentImage", (820, 290), {"width": 512, "height": 512, "batch_size": 1})
     sampler = g.node("JDM_OneStepSampler", (1180, 80), {"seed": 0, "timestep": 999}, model=(unet, 0),
                      positive=(apply, 0), latent_image=(latent, 0), timestep=(cn, 2))
     decode = g.node("VAEDecode", (1520, 80), samples=(sampler, 0), vae=(ckpt, 2))
-    g.node("PreviewImage", (1520, 220), title=f"One-step result ({title})", images=(decode, 0), size=(400, 420))
-    g.node("PreviewImage", (820, 480), title=f"{control} control image", images=(pre, 0), size=(320, 340))
+    g.node("PreviewImage", (1520, 200), title=f"One-step result ({title})", images=(decode, 0), size=(400, 420))
+    g.node("PreviewImage", (820, 460), title=f"{control} control image", images=(pre, 0), size=(320, 340))
     return g.workflow()
 
 
@@ -96,16 +96,16 @@ def one_step_vs_teacher_graph():
     dec1 = g.node("VAEDecode", (1540, 40), samples=(one, 0), vae=(ckpt, 2))
     g.node("PreviewImage", (1780, 40), title="One step (JDM student)", images=(dec1, 0), size=(380, 400))
     # 20 steps: the teacher with a standard canny ControlNet
-    tcn = g.node("ControlNetLoader", (840, 560), {"control_net_name": TEACHER_CANNY_CONTROLNET})
-    tapply = g.node("ControlNetApplyAdvanced", (840, 680), {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+    tcn = g.node("ControlNetLoader", (840, 620), {"control_net_name": TEACHER_CANNY_CONTROLNET})
+    tapply = g.node("ControlNetApplyAdvanced", (840, 740), {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
                     positive=(pos, 0), negative=(neg, 0), control_net=(tcn, 0), image=(canny, 0))
-    ks = g.node("KSampler", (1200, 560), {"seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "euler",
+    ks = g.node("KSampler", (1200, 620), {"seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "euler",
                                           "scheduler": "normal", "denoise": 1.0},
                 model=(ckpt, 0), positive=(tapply, 0), negative=(tapply, 1), latent_image=(latent, 0))
-    dec2 = g.node("VAEDecode", (1540, 560), samples=(ks, 0), vae=(ckpt, 2))
-    g.node("PreviewImage", (1780, 560), title="Teacher, 20 steps + ControlNet", images=(dec2, 0), size=(380, 400))
-    g.group("One step: JDM student + JDM ControlNet (1 UNet evaluation)", (820, -30, 1380, 500))
-    g.group("Teacher: 20 steps, cfg 7.5, + canny ControlNet (40 UNet evaluations)", (820, 490, 1380, 500), "#8a6d3b")
+    dec2 = g.node("VAEDecode", (1540, 620), samples=(ks, 0), vae=(ckpt, 2))
+    g.node("PreviewImage", (1780, 620), title="Teacher, 20 steps + ControlNet", images=(dec2, 0), size=(380, 400))
+    g.group("One step: JDM student + JDM ControlNet (1 UNet evaluation)", (820, -30, 1380, 570))
+    g.group("Teacher: 20 steps, cfg 7.5, + canny ControlNet (40 UNet evaluations)", (820, 580, 1380, 440), "#8a6d3b")
     return g.workflow()
 
 

@@ -237,7 +237,7 @@ class Graph:
         unknown = list(widgets)
         if unknown:
             raise ValueError(f"{type_}: no widgets named {unknown}")
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size or (315, 60 + 26 * (len(values) + max(len(inputs), len(info["output"]))))),
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size or (315, 40 + 22 * (len(values) + max(len(inputs), len(info["output"]))))),
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs,
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                             for i, (n, t) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))],

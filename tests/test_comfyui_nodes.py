@@ -247,3 +247,22 @@ def test_preprocessor_nodes_equal_the_core_extractors(cui, name, node, params):
     assert control == name
     assert out.shape == (2, 64, 48, 3)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_hed_preprocessor_node_equals_the_core_extractor(cui, tmp_path):
+    """HED with random weights in the real ControlNetHED layout (a path as the `weights` widget)."""
+    from safetensors.torch import save_file
+
+    from jdm_train import extractors
+    from jdm_train.extractors.hed import HEDNetwork
+
+    torch.manual_seed(0)
+    weights = tmp_path / "ControlNetHED.safetensors"
+    save_file(HEDNetwork().state_dict(), str(weights))
+    img = torch.rand(1, 32, 40, 3, generator=torch.Generator().manual_seed(3))
+    out, control = _node(cui, "JDM_HEDPreprocessor").execute(img, safe=False, weights=str(weights)).result
+    ref = extractors.run_extractor("hed", img.movedim(-1, 1), weights=str(weights)).movedim(1, -1)
+    assert control == "hed" and out.shape == (1, 32, 40, 3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="ControlNetHED"):
+        _node(cui, "JDM_HEDPreprocessor").execute(img, safe=False, weights=str(tmp_path / "missing" / "ControlNetHED.pth"))

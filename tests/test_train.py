@@ -197,12 +197,13 @@ def test_sigterm_finishes_step_checkpoints_and_exits(world, tmp_path, caplog):
 
     thread = threading.Thread(target=watcher, daemon=True)
     thread.start()
-    status = cli.main(_argv(world, out, "--max-steps", "10000", "--checkpoint-every", "1"))
+    status = cli.main(_argv(world, out, "--max-steps", "10000", "--checkpoint-every", "1",
+                            "--checkpoints-total-limit", "1"))
     thread.join()
     assert sent and status == 130
     assert "resume with --resume latest" in caplog.text
     steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert steps and steps[-1] < 10000
+    assert len(steps) == 1 and steps[-1] < 10000, "--checkpoints-total-limit 1 keeps only the newest"
     assert not list(out.glob(".checkpoint-*")), "no temporary checkpoint left behind"
     state = json.loads((out / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
     assert state["step"] == steps[-1]

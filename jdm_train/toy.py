@@ -240,7 +240,9 @@ def train(
 ) -> ToyRun:
     """Train a student with `method` in {"jdm", "vsd", "dsm"} exactly as the SD trainer alternates its
     steps: fake score (Eq. 6), consistency LoRA (Eq. 8), discriminator (GAN loss, f != rkl), then
-    one generator step (Eq. 10 through `losses.generator_loss`; VSD: fidelity only; DSM: regression)."""
+    one generator step (Eq. 10 through `losses.generator_loss`; VSD: fidelity only; DSM: regression).
+    The fake score is fitted on t in [0, 999] because the consistency target reaches t_k - gap down to 0.
+    `callback(step, student, logs)` runs after every generator step of JDM / VSD."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)

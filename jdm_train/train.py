@@ -17,11 +17,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -140,6 +138,7 @@ class Trainer:
         self._text_cache: dict[str, Tensor] = {}
         self._tapped: tuple[Tensor, Tensor] | None = None
 
+        self.dataset = load_dataset(config)  # first: a bad --data fails before minutes of model loading
         teacher_path = resolve_teacher(config)
         pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle,
                                             comfyui_root=config.comfyui_root)
@@ -179,15 +178,17 @@ class Trainer:
                                              self.schedule)
             else:
                 self.guidance = self.roles.teacher
-        from jdm_train.extractors import get_extractor
+        from jdm_train.extractors import extractor_params, get_extractor
 
-        self.extractor = get_extractor(config.control)
+        # HED/depth annotator weights are searched in the same ComfyUI root as the models.
+        takes_root = any(p.name == "comfyui_root" for p in extractor_params(config.control))
+        self.extractor = get_extractor(config.control, **({"comfyui_root": config.comfyui_root}
+                                                          if takes_root and config.comfyui_root else {}))
         self.decoder = self.vae
         if config.cond_decoder == "taesd":
             self.decoder = load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
                                               self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
-        self.dataset = load_dataset(config)
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
                                 acc.num_processes)
         self.optimizers = self._build_optimizers()
@@ -491,6 +492,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.config
+        if acc.is_main_process and self.output_dir.is_dir():
+            for stale in self.output_dir.glob(f".{_CKPT_PREFIX}*.tmp"):  # left by a kill -9 mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         if cfg.resume:
             load_checkpoint(self, find_checkpoint(self.output_dir, cfg.resume))
         if cfg.report_to and acc.is_main_process:
@@ -742,5 +746,9 @@ def export(trainer: Trainer) -> dict[str, Path]:
 def run(config: TrainConfig) -> int:
     """Train from a validated config; the `jdm-train` entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: missing files, bad data, missing annotators
+        log.error("%s", exc)
+        return 2
     return trainer.train()

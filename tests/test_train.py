@@ -267,3 +267,14 @@ def test_ckpt_demo_trains_on_the_procedural_set(tmp_path):
     assert cli.main(["--ckpt", "demo", "--output-dir", str(out), "--max-steps", "1", "--control", "canny"]) == 0
     meta = model_io.read_metadata(out / "jdm.safetensors")
     assert meta["jdm.config"]["data"] == "demo" and meta["jdm.config"]["resolution"] == 64
+
+
+def test_setup_errors_are_reported_not_raised(world, tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["--ckpt", str(world["ckpt"]), "--data", str(empty), "--resolution", RES,
+                     "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--data" in caplog.text and "no images" in caplog.text
+    assert cli.main(["--ckpt", str(tmp_path / "missing.safetensors"), "--data", str(world["data"]),
+                     "--output-dir", str(tmp_path / "o")]) == 2
+    assert "missing.safetensors" in caplog.text

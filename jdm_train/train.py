@@ -404,19 +404,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ optimisation plumbing
 
-    def _all_reduce_grads(self, params: list) -> None:
+    def _all_reduce_grads(self, params: list, bucket: int = 2**25) -> None:
+        """Average gradients across processes in flat buckets (no full copy of a UNet's gradients)."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return
         for p in params:
-            if p.grad is None:
+            if p.grad is None:  # every process must take part in every bucket
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        flat = acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
+        start = 0
+        while start < len(params):
+            end, size = start, 0
+            while end < len(params) and (size == 0 or size + params[end].numel() <= bucket):
+                size += params[end].numel()
+                end += 1
+            chunk = params[start:end]
+            flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in chunk]), reduction="mean")
+            offset = 0
+            for p in chunk:
+                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+            start = end
 
     def _finite(self, value: Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)

@@ -139,6 +139,19 @@ class Trainer:
         self._tapped: tuple[Tensor, Tensor] | None = None
 
         self.dataset = load_dataset(config)  # first: a bad --data fails before minutes of model loading
+        self._load_models()
+        self._load_conditioning()
+        self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
+                                acc.num_processes)
+        self.optimizers = self._build_optimizers()
+        log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
+                 len(self.dataset))
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _load_models(self) -> None:
+        """Teacher checkpoint -> text encoder, VAE and the roles on its UNet; frozen student; guidance teacher."""
+        config = self.config
         teacher_path = resolve_teacher(config)
         pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle,
                                             comfyui_root=config.comfyui_root)
@@ -167,7 +180,7 @@ class Trainer:
             for p in module.parameters():
                 if id(p) not in trained:
                     p.data = p.data.to(self.weight_dtype)
-        self.guidance = None
+        self.guidance, self.guidance_text_encoder = None, None
         if config.cfg_scale != 1.0:
             if config.cfg_teacher:
                 gpipe = model_io.load_sd1_checkpoint(model_io.resolve_model(config.cfg_teacher, "checkpoints",
@@ -178,8 +191,12 @@ class Trainer:
                                              self.schedule)
             else:
                 self.guidance = self.roles.teacher
+
+    def _load_conditioning(self) -> None:
+        """Condition extractor, the decoder of the condition term, the reward."""
         from jdm_train.extractors import extractor_params, get_extractor
 
+        config = self.config
         # HED/depth annotator weights are searched in the same ComfyUI root as the models.
         takes_root = any(p.name == "comfyui_root" for p in extractor_params(config.control))
         self.extractor = get_extractor(config.control, **({"comfyui_root": config.comfyui_root}
@@ -189,13 +206,6 @@ class Trainer:
             self.decoder = load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
                                               self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
-        self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
-                                acc.num_processes)
-        self.optimizers = self._build_optimizers()
-        log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
-                 len(self.dataset))
-
-    # ------------------------------------------------------------------ setup helpers
 
     def _adamw(self, groups: list[tuple[list, float]]):
         cfg = self.config
@@ -343,7 +353,7 @@ class Trainer:
 
     def guidance_conds(self, batch: dict) -> tuple[Cond, Cond]:
         n = len(batch["captions"])
-        encoder = getattr(self, "guidance_text_encoder", None)
+        encoder = self.guidance_text_encoder
         pos = self.encode_text(batch["captions"], encoder)
         neg = self.encode_text([self.config.negative_prompt] * n, encoder)
         return Cond(pos), Cond(neg)

@@ -72,8 +72,8 @@ def term_scale(x: Tensor, x0_real: Tensor, t: Tensor, schedule: NoiseSchedule, w
     - `"sigma2"`: lambda_t = sigma_t^2 / alpha_t^2, so the fidelity term is `x0_real - x0_fake`.
     - `"dmd"` (ours, as DMD; deviation from Eq. 5 because lambda then depends on the sample, not
       only on t): lambda = sigma_t^2 / (alpha_t^2 mean|x - x0_real|), so the fidelity term is DMD's
-      `(x0_real - x0_fake) / mean|x - x0_real|` (ALGORITHM step 3). All terms share it, which keeps
-      their relative scale as Eq. 5 states.
+      `(x0_real - x0_fake) / mean|x - x0_real|` (ALGORITHM step 3), x0_real being the unguided
+      teacher. All terms share it, which keeps their relative scale as Eq. 5 states.
     """
     alpha, sigma = schedule.alpha_sigma(t, x)
     if weighting == "none":

@@ -203,7 +203,8 @@ class Canny(Extractor):
         x = check_images(images, "canny")
         with torch.no_grad():
             edges = canny_edges(x, self.params["low_threshold"], self.params["high_threshold"])
-        return to_hint(edges[:, None].to(images.dtype))
+        # one pass from bool to the 3-channel float hint
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(edges[:, None].expand_as(x))
 
     def soft_logits(self, images: torch.Tensor) -> torch.Tensor:
         x = check_images(images, "canny")

@@ -158,7 +158,7 @@ class Trainer:
         self.teacher_path = teacher_path
         self.tokenizer = pipe.tokenizer
         # Frozen weights are stored in the autocast precision (they are never updated), trained ones in fp32.
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.weight_dtype = self._autocast_dtype()
         self.text_encoder = pipe.text_encoder.to(self.device, self.weight_dtype).requires_grad_(False).eval()
         self.vae = pipe.vae.to(self.device, self.weight_dtype).requires_grad_(False).eval()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -191,6 +191,14 @@ class Trainer:
                                              self.schedule)
             else:
                 self.guidance = self.roles.teacher
+
+    def _autocast_dtype(self) -> torch.dtype:
+        """The dtype accelerate's autocast really computes in here (fp16 on a CPU may fall back to fp32)."""
+        with self.accelerator.autocast():
+            kind = self.device.type
+            if torch.is_autocast_enabled(kind):
+                return torch.get_autocast_dtype(kind)
+        return torch.float32
 
     def _load_conditioning(self) -> None:
         """Condition extractor, the decoder of the condition term, the reward."""

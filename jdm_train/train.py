@@ -641,9 +641,14 @@ def save_checkpoint(trainer: Trainer) -> Path:
         state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict(),
                  "num_processes": acc.num_processes, "replica_digests": digests}
         _atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1, sort_keys=True).encode())
+        # Re-saving a step (a resume from an older checkpoint): the old folder is moved aside, not
+        # deleted, until the new one is in place.
+        old = final.with_name(f".{final.name}.old")
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         limit = trainer.config.checkpoints_total_limit
         if limit:
             for _, old in _checkpoints(trainer.output_dir)[:-limit]:

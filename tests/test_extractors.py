@@ -245,3 +245,23 @@ def test_canny_restores_torch_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["noise", "ties", "blur", "grey_levels"])
+def test_canny_bit_exact_on_adversarial_images(kind):
+    # Noise and few grey levels make every tie rule of OpenCV (channel choice, NMS
+    # strict/non-strict comparisons, sector borders, thresholds) matter.
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    for _ in range(4):
+        h, w = rng.integers(5, 70, 2)
+        if kind == "noise":
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        elif kind == "ties":
+            img = (rng.integers(0, 4, (h, w, 3)) * 60).astype(np.uint8)
+        elif kind == "blur":
+            img = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 2)
+        else:
+            img = np.repeat(rng.integers(0, 3, (h, w, 1)).astype(np.uint8) * 100, 3, -1)
+        lo, hi = (int(t) for t in sorted(rng.integers(0, 400, 2)))
+        out = canny_edges(to_bchw(img), lo, hi)[0].numpy()
+        assert np.array_equal(out, cv2.Canny(img, lo, hi) > 0), (h, w, lo, hi)

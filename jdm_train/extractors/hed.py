@@ -8,8 +8,9 @@ each `convs.N` 3x3 conv + ReLU layers after a 2x2 max-pool from block 2 on) whos
 five side outputs, bilinearly resized to the input size. Parameter names are kept so
 the published weights load as they are.
 
-`extract` is this map (optionally with ControlNet's `safe` quantisation); `soft` is
-the same map with gradients, and `log_likelihood` uses BCE on its logits.
+`extract` is this map (optionally with ControlNet's `safe` quantisation), without the
+annotator's final rounding to 8 bits (at most 1/255 apart); `soft` is the same map
+with gradients, and `log_likelihood` uses BCE on its logits.
 """
 
 from __future__ import annotations

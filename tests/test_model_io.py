@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
-from jdm_train import fixtures, model_io
+from jdm_train import fixtures, ldm_convert, model_io
 
 torch.set_num_threads(1)
 
@@ -40,12 +40,12 @@ def strip_text_model(sd: dict) -> dict:
 def test_unet_reverse_converter_round_trips_through_diffusers(arch):
     unet = fixtures.make_unet(cross_attention_dim=32, **arch)
     sd = unet.state_dict()
-    ldm = model_io.unet_diffusers_to_ldm(sd)
+    ldm = ldm_convert.unet_diffusers_to_ldm(sd)
     assert "input_blocks.0.0.weight" in ldm and "out.2.weight" in ldm
-    back = convert_ldm_unet_checkpoint({model_io.UNET_PREFIX + k: v for k, v in ldm.items()}, dict(unet.config))
+    back = convert_ldm_unet_checkpoint({ldm_convert.UNET_PREFIX + k: v for k, v in ldm.items()}, dict(unet.config))
     assert_same_tensors(back, sd)
     # the architecture read off the LDM weights is the one we started from
-    cfg = model_io.infer_unet_config(ldm)
+    cfg = ldm_convert.infer_unet_config(ldm)
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim"):
         assert list(cfg[key]) == list(unet.config[key]) if isinstance(cfg[key], list) else cfg[key] == unet.config[key]
 
@@ -53,19 +53,19 @@ def test_unet_reverse_converter_round_trips_through_diffusers(arch):
 def test_vae_reverse_converter_round_trips_through_diffusers():
     vae = fixtures.make_vae(block_out_channels=(32, 64, 64), layers_per_block=2)
     sd = vae.state_dict()
-    ldm = model_io.vae_diffusers_to_ldm(sd)
+    ldm = ldm_convert.vae_diffusers_to_ldm(sd)
     # original checkpoints store the attention projections as 1x1 convolutions
     assert ldm["encoder.mid.attn_1.q.weight"].ndim == 4
     assert "decoder.up.0.block.2.conv1.weight" in ldm and "encoder.down.1.block.0.nin_shortcut.weight" in ldm
     back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, dict(vae.config))
     assert_same_tensors(back, sd)
-    cfg = model_io.infer_vae_config(ldm)
+    cfg = ldm_convert.infer_vae_config(ldm)
     assert cfg["block_out_channels"] == [32, 64, 64] and cfg["layers_per_block"] == 2
 
 
 def test_clip_reverse_converter_round_trips_through_diffusers():
     te = fixtures.make_text_encoder(64, 2, 128)
-    ldm = model_io.clip_diffusers_to_ldm(te.state_dict())
+    ldm = ldm_convert.clip_diffusers_to_ldm(te.state_dict())
     assert all(k.startswith("cond_stage_model.transformer.text_model.") for k in ldm)
     back = convert_ldm_clip_checkpoint(ldm)
     assert_same_tensors(strip_text_model(back), strip_text_model(te.state_dict()))
@@ -75,19 +75,19 @@ def test_controlnet_reverse_converter_round_trips_through_diffusers():
     unet = fixtures.make_unet((32, 32, 64, 64), layers_per_block=2, cross_attention_dim=32)
     cn = fixtures.make_controlnet(unet)
     sd = cn.state_dict()
-    ldm = model_io.controlnet_diffusers_to_ldm(sd)
+    ldm = ldm_convert.controlnet_diffusers_to_ldm(sd)
     for key in ("input_hint_block.14.weight", "zero_convs.11.0.weight", "middle_block_out.0.weight"):
-        assert model_io.CONTROL_PREFIX + key in ldm
+        assert ldm_convert.CONTROL_PREFIX + key in ldm
     back = convert_controlnet_checkpoint(ldm, dict(cn.config))
     assert_same_tensors(back, sd)
 
 
 def test_taesd_key_mapping_round_trips():
     vae = fixtures.make_taesd_vae()
-    comfy = model_io.taesd_from_diffusers(vae.state_dict())
+    comfy = ldm_convert.taesd_from_diffusers(vae.state_dict())
     # ComfyUI's TAESD decoder: Clamp at index 0, the first conv at 1 (its latent-channel probe)
     assert comfy["taesd_decoder.1.weight"].shape[1] == 4
-    back = model_io.taesd_to_diffusers(comfy)
+    back = ldm_convert.taesd_to_diffusers(comfy)
     assert_same_tensors(back, vae.state_dict())
 
 
@@ -177,7 +177,7 @@ def test_unet_export_loads_back_with_metadata(tmp_path):
     unet = fixtures.make_unet((32, 64), 1, cross_attention_dim=32, seed=7)
     meta = {"jdm.control": "canny", "jdm.timestep": 999, "jdm.base": "sd15.safetensors",
             "jdm.config": {"lr": 1e-5, "steps": 10}}
-    for prefix in (model_io.UNET_PREFIX, ""):
+    for prefix in (ldm_convert.UNET_PREFIX, ""):
         p = model_io.save_unet_ldm(tmp_path / f"student{len(prefix)}.safetensors", unet, meta, prefix=prefix)
         sd, raw = model_io.read_state_dict(p)
         assert f"{prefix}input_blocks.0.0.weight" in sd
@@ -196,7 +196,7 @@ def test_controlnet_loads_from_our_export_bare_cldm_and_diffusers_layouts(tmp_pa
     ours = model_io.save_controlnet_ldm(tmp_path / "cn.safetensors", cn, {"jdm.control": "hed"})
     assert model_io.read_metadata(ours)["jdm.kind"] == "controlnet"
     sd, _ = model_io.read_state_dict(ours)
-    bare = model_io.save_state_dict(tmp_path / "bare.safetensors", model_io._strip(sd, "control_model."), {})
+    bare = model_io.save_state_dict(tmp_path / "bare.safetensors", ldm_convert.strip_prefix(sd, "control_model."), {})
     diffusers_layout = model_io.save_state_dict(tmp_path / "diffusers.safetensors", cn.state_dict(), {})
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 32)
     hint = torch.rand(1, 3, 128, 128)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from jdm_train import fixtures, model_io
+from jdm_train import fixtures, ldm_convert, model_io
 
 pytestmark = pytest.mark.comfyui
 
@@ -50,7 +50,7 @@ def test_unet_export_is_detected_as_sd15_with_our_weights(comfy, files):
     assert type(patcher.model.model_config).__name__ == "SD15"
     theirs = patcher.model.diffusion_model.state_dict()
     ours, _ = model_io.read_state_dict(student)
-    ours = model_io._strip(ours, model_io.UNET_PREFIX)
+    ours = ldm_convert.strip_prefix(ours, ldm_convert.UNET_PREFIX)
     assert sorted(theirs) == sorted(ours)
     for k, v in ours.items():
         assert torch.equal(theirs[k].float(), v.float()), k

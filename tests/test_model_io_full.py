@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
-from jdm_train import fixtures, model_io
+from jdm_train import fixtures, ldm_convert, model_io
 
 pytestmark = pytest.mark.slow
 
@@ -32,27 +32,27 @@ def test_full_size_reverse_converters_round_trip_through_diffusers():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config("sd15_unet_config.json"))
     sd = unet.state_dict()
-    ldm = model_io.unet_diffusers_to_ldm(sd)
+    ldm = ldm_convert.unet_diffusers_to_ldm(sd)
     assert len(ldm) == 686  # the key count of the original SD1.5 UNet
-    same(convert_ldm_unet_checkpoint({model_io.UNET_PREFIX + k: v for k, v in ldm.items()}, dict(unet.config)), sd)
-    cfg = model_io.infer_unet_config(ldm)
+    same(convert_ldm_unet_checkpoint({ldm_convert.UNET_PREFIX + k: v for k, v in ldm.items()}, dict(unet.config)), sd)
+    cfg = ldm_convert.infer_unet_config(ldm)
     assert cfg["block_out_channels"] == [320, 640, 1280, 1280] and cfg["layers_per_block"] == 2
     assert cfg["down_block_types"] == list(unet.config.down_block_types)
 
     cn = ControlNetModel.from_unet(unet)
     del unet, sd, ldm
     cn_sd = cn.state_dict()
-    same(convert_controlnet_checkpoint(model_io.controlnet_diffusers_to_ldm(cn_sd), dict(cn.config)), cn_sd)
+    same(convert_controlnet_checkpoint(ldm_convert.controlnet_diffusers_to_ldm(cn_sd), dict(cn.config)), cn_sd)
     del cn, cn_sd
 
     vae = AutoencoderKL(**config("sd15_vae_config.json"))
     vae_sd = vae.state_dict()
-    vae_ldm = model_io.vae_diffusers_to_ldm(vae_sd)
+    vae_ldm = ldm_convert.vae_diffusers_to_ldm(vae_sd)
     same(convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae_ldm.items()}, dict(vae.config)), vae_sd)
-    assert model_io.infer_vae_config(vae_ldm)["block_out_channels"] == [128, 256, 512, 512]
+    assert ldm_convert.infer_vae_config(vae_ldm)["block_out_channels"] == [128, 256, 512, 512]
 
     te = fixtures.make_text_encoder(768, 12, 3072)
-    back = convert_ldm_clip_checkpoint(model_io.clip_diffusers_to_ldm(te.state_dict()))
+    back = convert_ldm_clip_checkpoint(ldm_convert.clip_diffusers_to_ldm(te.state_dict()))
     same({k.removeprefix("text_model."): v for k, v in back.items()},
          {k.removeprefix("text_model."): v for k, v in te.state_dict().items()})
 

@@ -105,16 +105,26 @@ def test_node_names_cannot_escape_the_model_folders(roots, tmp_path):
     assert model_io.resolve_model("../" + tmp_path.name + "/secret.safetensors", "checkpoints", comfyui_root=arg) == outside
 
 
+def _exec_module(name: str, path: Path, monkeypatch, package_dir: Path | None = None):
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=None if package_dir is None else [str(package_dir)])
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # relative imports and dataclasses look modules up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_comfyui_containing_the_pack_is_a_root(roots, tmp_path, monkeypatch):
     # a copy of model_io.py at <root>/custom_nodes/<pack>/jdm_train/ finds <root>
     root = tmp_path / "ComfyUI"
-    dest = root / "custom_nodes" / "ComfyUI-JDM" / "jdm_train" / "model_io.py"
-    dest.parent.mkdir(parents=True)
-    shutil.copy(model_io.__file__, dest)
-    spec = importlib.util.spec_from_file_location("copied_model_io", dest)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "copied_model_io", mod)  # dataclasses look the module up
-    spec.loader.exec_module(mod)
+    pack = root / "custom_nodes" / "ComfyUI-JDM" / "jdm_train"
+    pack.mkdir(parents=True)
+    (pack / "__init__.py").write_text("")
+    for name in ("ldm_convert.py", "model_io.py"):  # model_io imports .ldm_convert
+        shutil.copy(Path(model_io.__file__).with_name(name), pack / name)
+    _exec_module("copied_jdm", pack / "__init__.py", monkeypatch, package_dir=pack)
+    _exec_module("copied_jdm.ldm_convert", pack / "ldm_convert.py", monkeypatch)
+    mod = _exec_module("copied_jdm.model_io", pack / "model_io.py", monkeypatch)
     ck = touch(root / "models" / "checkpoints" / "pack.safetensors")
     assert mod.comfyui_roots() == [root.resolve()]
     assert mod.resolve_model("pack.safetensors", "checkpoints") == ck

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from jdm_train import fixtures, model_io
+from jdm_train import fixtures, ldm_convert, model_io
 from jdm_train.denoisers import build_roles, merged_student_unet, student_lora_state
 from jdm_train.schedule import NoiseSchedule
 from jdm_train.train import lora_to_comfyui
@@ -56,8 +56,8 @@ def test_student_lora_patches_base_into_merged_student(comfy, tmp_path):
     assert len(patched.patches) == len(state) // 2, "every LoRA module must map onto a UNet weight"
     patched.patch_model()
     theirs = patched.model.diffusion_model.state_dict()
-    ours = model_io._strip(model_io.read_state_dict(merged_path)[0], model_io.UNET_PREFIX)
-    base = model_io._strip(model_io.read_state_dict(base_path)[0], model_io.UNET_PREFIX)
+    ours = ldm_convert.strip_prefix(model_io.read_state_dict(merged_path)[0], ldm_convert.UNET_PREFIX)
+    base = ldm_convert.strip_prefix(model_io.read_state_dict(base_path)[0], ldm_convert.UNET_PREFIX)
     changed = 0
     for key, value in ours.items():
         torch.testing.assert_close(theirs[key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key)

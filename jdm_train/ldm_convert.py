@@ -333,3 +333,21 @@ def clip_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     (with or without transformers 4's ``text_model.`` level)."""
     return {CLIP_PREFIX + "text_model." + k.removeprefix("text_model."): v
             for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_to_comfyui(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """kohya naming (`lora_unet_<diffusers module with _>.lora_down/lora_up/alpha`), which ComfyUI's
+    `model_lora_keys_unet` maps onto the LDM UNet (LoraLoaderModelOnly).
+
+    ``state`` holds diffusers-named ``<module>.lora_down.weight`` / ``<module>.lora_up.weight``
+    tensors (`denoisers.student_lora_state`); every module gets the same ``alpha``."""
+    out = {}
+    for key, value in state.items():
+        module, _, kind = key.partition(".lora_")
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[f"{stem}.lora_{kind}"] = value
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return out

@@ -251,8 +251,6 @@ def export_metadata(kind: str, metadata: Mapping[str, Any] | None = None,
     return meta
 
 
-_metadata = export_metadata  # the trainer's first name for it
-
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
     """Write safetensors atomically: temp file in the same folder, fsync, ``os.replace``."""
@@ -548,6 +546,26 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     converted = convert_controlnet_checkpoint(cn_sd, config)
     model = _instantiate(ControlNetModel, config, converted, path, "ControlNet", dtype)
     return _finish(model, device, dtype)
+
+
+def load_taesd_decoder(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    """diffusers AutoencoderTiny with the decoder of a ComfyUI ``taesd_decoder.safetensors``
+    (bare ``1.weight``, ``3.conv.0.weight``, ... keys, or ``taesd_decoder.*``); the encoder
+    keeps its random initialisation and is not meant to be used."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    sd, _ = read_state_dict(path)
+    if not any(k.startswith("taesd_decoder.") for k in sd):
+        sd = {f"taesd_decoder.{k}": v for k, v in sd.items()}
+    sd = {k: v for k, v in taesd_to_diffusers(sd).items() if k.startswith("decoder.")}
+    if "decoder.layers.0.weight" not in sd:
+        raise ValueError(f"{path} is not a TAESD decoder (expected keys '1.weight', '3.conv.0.weight', ...)")
+    model = AutoencoderTiny(latent_channels=int(sd["decoder.layers.0.weight"].shape[1]))
+    missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if k.startswith("decoder.")]
+    if missing:
+        raise ValueError(f"{path} lacks TAESD decoder weights {missing[:3]}")
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 # --------------------------------------------------------------------------- exports

@@ -6,6 +6,9 @@
   signature, which ComfyUI's `KSAMPLER` wraps. ComfyUI feeds
   `x = noise * sqrt(1 + sigma^2)` at sigma_max and the UNet sees `x / sqrt(1 + sigma^2)`,
   i.e. the unit-variance noise at timestep 999: both forms evaluate the student once on `z`.
+
+`ddim_reference` is the teacher's multi-step counterpart that previews and evaluations put
+beside the student's one-step samples.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from .guidance import cfg as cfg_combine
+from .schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 
@@ -35,3 +41,26 @@ def sample_one_step(model, x: Tensor, sigmas: Tensor, extra_args: dict | None = 
     if callback is not None:
         callback({"x": x, "i": 0, "sigma": sigmas[0], "sigma_hat": sigmas[0], "denoised": denoised})
     return denoised
+
+
+@torch.no_grad()
+def ddim_reference(denoise: Denoiser, noise: Tensor, cond: Any, uncond: Any, steps: int, scale: float,
+                   schedule: NoiseSchedule) -> Tensor:
+    """Deterministic DDIM (eta = 0; Song et al. 2021, Eq. 12) with classifier-free guidance.
+
+    `steps` integer timesteps evenly spaced from 999 to 0; `noise` (B, C, H, W) is x_999 and
+    the x0-prediction (B, C, H, W) at the last timestep is returned. `scale` = 1 skips the
+    unconditional pass."""
+    ts = torch.linspace(999, 0, steps, device=noise.device).round().long()
+    x = noise
+    for i, t_now in enumerate(ts):
+        t = t_now.repeat(noise.shape[0])
+        x0 = denoise(x, t, cond)
+        if scale != 1.0:
+            x0 = cfg_combine(x0, denoise(x, t, uncond), scale)
+        if i + 1 == len(ts):
+            return x0
+        eps = schedule.eps_from_x0(x, x0, t)
+        alpha, sigma = schedule.alpha_sigma(ts[i + 1].repeat(noise.shape[0]), x)
+        x = alpha * x0 + sigma * eps
+    return x

@@ -6,7 +6,8 @@
 density-ratio discriminator. accelerate supplies the device, autocast, loss scaling,
 trackers and optimizer/RNG checkpointing; gradients are averaged across processes by hand
 because one frozen base carries several roles' adapters, which DDP's one-module-one-backward
-model does not fit.
+model does not fit. What a run writes for its users (exports, preview grids) is in `export.py`;
+this module only decides which process writes it.
 
 Randomness is a pure function of (seed, step, process, purpose), and the batch order of
 (seed, step) (`data.BatchOrder`), so a resumed run repeats an uninterrupted one exactly.
@@ -28,9 +29,9 @@ from torch import Tensor
 from jdm_train import losses, model_io
 from jdm_train.config import TrainConfig
 from jdm_train.data import BatchOrder, CaptionedImageFolder
-from jdm_train.denoisers import Cond, UNetDenoiser, build_roles, merged_student_unet, student_lora_state
-from jdm_train.guidance import cfg as cfg_combine
-from jdm_train.sampling import generate_one_step
+from jdm_train.denoisers import Cond, UNetDenoiser, build_roles
+from jdm_train.export import default_output_dir, write_exports, write_preview_grid
+from jdm_train.sampling import ddim_reference, generate_one_step
 from jdm_train.schedule import NoiseSchedule
 
 log = logging.getLogger("jdm_train")
@@ -40,14 +41,6 @@ _PURPOSES = {"z": 1, "t": 2, "eps": 3, "fake_z": 4, "fake_t": 5, "fake_eps": 6, 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when `--max-nonfinite` consecutive steps had a non-finite loss."""
-
-
-def default_output_dir(config: TrainConfig) -> Path:
-    if config.output_dir:
-        return Path(config.output_dir)
-    if config.comfyui_root:
-        return Path(config.comfyui_root) / "models" / "jdm_runs" / config.output
-    return Path("jdm-output") / config.output
 
 
 def resolve_teacher(config: TrainConfig) -> Path:
@@ -79,23 +72,6 @@ def load_reward(spec: str):
     if not callable(fn):
         raise ValueError(f"--reward: {spec!r} is not callable")
     return fn
-
-
-def load_taesd_decoder(path: Path, device, dtype=None):
-    """diffusers AutoencoderTiny with the decoder of a ComfyUI `taesd_decoder.safetensors`."""
-    from diffusers import AutoencoderTiny
-
-    sd, _ = model_io.read_state_dict(path)
-    if not any(k.startswith("taesd_decoder.") for k in sd):
-        sd = {f"taesd_decoder.{k}": v for k, v in sd.items()}
-    sd = {k: v for k, v in model_io.taesd_to_diffusers(sd).items() if k.startswith("decoder.")}
-    if "decoder.layers.0.weight" not in sd:
-        raise ValueError(f"--taesd: {path} is not a TAESD decoder (expected keys '1.weight', '3.conv.0.weight', ...)")
-    model = AutoencoderTiny(latent_channels=int(sd["decoder.layers.0.weight"].shape[1]))
-    missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if k.startswith("decoder.")]
-    if missing:
-        raise ValueError(f"--taesd: {path} lacks decoder weights {missing[:3]}")
-    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 def _has_accelerator() -> bool:
@@ -211,7 +187,7 @@ class Trainer:
                                                           if takes_root and config.comfyui_root else {}))
         self.decoder = self.vae
         if config.cond_decoder == "taesd":
-            self.decoder = load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
+            self.decoder = model_io.load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
                                               self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
 
@@ -672,32 +648,10 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
 
 
 @torch.no_grad()
-def ddim_reference(denoise, noise: Tensor, cond: Cond, uncond: Cond, steps: int, scale: float,
-                   schedule: NoiseSchedule) -> Tensor:
-    """Deterministic DDIM (eta = 0) with classifier-free guidance: the teacher's multi-step reference."""
-    ts = torch.linspace(999, 0, steps, device=noise.device).round().long()
-    x = noise
-    for i, t_now in enumerate(ts):
-        t = t_now.repeat(noise.shape[0])
-        x0 = denoise(x, t, cond)
-        if scale != 1.0:
-            x0 = cfg_combine(x0, denoise(x, t, uncond), scale)
-        if i + 1 == len(ts):
-            return x0
-        eps = schedule.eps_from_x0(x, x0, t)
-        alpha, sigma = schedule.alpha_sigma(ts[i + 1].repeat(noise.shape[0]), x)
-        x = alpha * x0 + sigma * eps
-    return x
-
-
-@torch.no_grad()
 def write_preview(trainer: Trainer, count: int = 4) -> Path | None:
     """`preview-N.png`: one row per fixed sample, condition | student one-step | teacher multi-step."""
     if not trainer.accelerator.is_main_process:
         return None
-    import numpy as np
-    from PIL import Image
-
     cfg = trainer.config
     items = [trainer.dataset[i] for i in range(min(count, len(trainer.dataset)))]
     images = torch.stack([it["image"] for it in items]).to(trainer.device)
@@ -711,63 +665,19 @@ def write_preview(trainer: Trainer, count: int = 4) -> Path | None:
         student = generate_one_step(trainer.roles.student, noise, cfg.generator_timestep, cond).float()
         teacher = ddim_reference(trainer.roles.teacher, noise, cond, uncond, cfg.preview_teacher_steps,
                                  max(cfg.cfg_scale, 1.0), trainer.schedule).float()
-    cols = [control.float(), trainer.decode(student), trainer.decode(teacher)]
-    grid = torch.cat([torch.cat(list(col), dim=1) for col in cols], dim=2)  # (3, n*H, 3*W)
-    array = (grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    path = trainer.output_dir / f"preview-{trainer.step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_preview_grid(trainer.output_dir / f"preview-{trainer.step:06d}.png",
+                              [control, trainer.decode(student), trainer.decode(teacher)])
 
 
 # ---------------------------------------------------------------------- exports
 
 
-def export_paths(config: TrainConfig, output_dir: Path) -> dict[str, Path]:
-    """Where the exports go: the ComfyUI model folders under `--comfyui-root`, else `output_dir`."""
-    name, control = config.output, config.control
-    if config.comfyui_root and not config.output_dir:
-        models = Path(config.comfyui_root) / "models"
-        return {"student": models / "unet" / f"{name}.safetensors",
-                "controlnet": models / "controlnet" / f"{name}_{control}.safetensors",
-                "lora": models / "loras" / f"{name}_lora.safetensors"}
-    return {"student": output_dir / f"{name}.safetensors",
-            "controlnet": output_dir / f"{name}_{control}.safetensors",
-            "lora": output_dir / f"{name}_lora.safetensors"}
-
-
-def lora_to_comfyui(state: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
-    """kohya naming (`lora_unet_<diffusers module with _>.lora_down/lora_up/alpha`), which ComfyUI's
-    `model_lora_keys_unet` maps onto the LDM UNet (LoraLoaderModelOnly)."""
-    out = {}
-    for key, value in state.items():
-        module, _, kind = key.partition(".lora_")
-        stem = "lora_unet_" + module.replace(".", "_")
-        out[f"{stem}.lora_{kind}"] = value
-        out[f"{stem}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def export(trainer: Trainer) -> dict[str, Path]:
-    """Write the student UNet, the ControlNet and (with a student LoRA) the LoRA, with `jdm.*` metadata."""
-    acc, cfg = trainer.accelerator, trainer.config
-    paths = export_paths(cfg, trainer.output_dir)
+    """The run's ComfyUI exports (`export.write_exports`), written by the main process only."""
+    acc = trainer.accelerator
     written: dict[str, Path] = {}
     if acc.is_main_process:
-        meta = {"jdm.control": cfg.control, "jdm.timestep": str(cfg.generator_timestep),
-                "jdm.base": trainer.teacher_path.name, "jdm.config": cfg.to_dict()}
-        if cfg.phase == "joint":
-            written["student"] = model_io.save_unet_ldm(paths["student"], merged_student_unet(trainer.roles),
-                                                        {**meta, "jdm.kind": "student"})
-        written["controlnet"] = model_io.save_controlnet_ldm(paths["controlnet"], trainer.roles.controlnet,
-                                                             {**meta, "jdm.kind": "controlnet"})
-        if cfg.phase == "joint" and cfg.student_lora_rank > 0:
-            state, alpha = student_lora_state(trainer.roles)
-            written["lora"] = model_io.save_state_dict(
-                paths["lora"], lora_to_comfyui(state, alpha),
-                model_io._metadata("student_lora", meta, {}))
+        written = write_exports(trainer.config, trainer.roles, trainer.teacher_path.name, trainer.output_dir)
         for kind, path in written.items():
             log.info("exported %s: %s", kind, path)
     acc.wait_for_everyone()

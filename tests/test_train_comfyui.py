@@ -13,7 +13,6 @@ import torch
 from jdm_train import fixtures, ldm_convert, model_io
 from jdm_train.denoisers import build_roles, merged_student_unet, student_lora_state
 from jdm_train.schedule import NoiseSchedule
-from jdm_train.train import lora_to_comfyui
 
 pytestmark = pytest.mark.comfyui
 
@@ -46,7 +45,7 @@ def test_student_lora_patches_base_into_merged_student(comfy, tmp_path):
         for p in roles.groups["student"]:
             p.add_(0.05 * torch.randn_like(p))
     state, alpha = student_lora_state(roles)
-    lora_path = model_io.save_state_dict(tmp_path / "lora.safetensors", lora_to_comfyui(state, alpha),
+    lora_path = model_io.save_state_dict(tmp_path / "lora.safetensors", ldm_convert.lora_to_comfyui(state, alpha),
                                          {"jdm.kind": "student_lora"})
     merged_path = model_io.save_unet_ldm(tmp_path / "merged.safetensors", merged_student_unet(roles))
 

@@ -1,12 +1,10 @@
 """Our exports in a real ComfyUI: UNETLoader's and ControlNetLoader's code paths load them,
 and one sampling step matches the same step computed with diffusers.
 
-Needs COMFYUI_PATH (see /work/COMFYUI_ENV.md); skips cleanly without it.
+Needs COMFYUI_PATH (see /work/COMFYUI_ENV.md); skips cleanly without it (`comfy` fixture in conftest.py).
 """
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -14,27 +12,6 @@ import torch
 from jdm_train import fixtures, ldm_convert, model_io
 
 pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not os.path.isfile(os.path.join(root, "comfy", "sd.py")):
-        pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        import comfy.cli_args
-
-        # a CPU-only torch: must be set before comfy.model_management is imported
-        comfy.cli_args.args.cpu = True
-        import comfy.controlnet
-        import comfy.model_management
-        import comfy.sample
-        import comfy.sd
-    except ImportError as e:
-        pytest.skip(f"ComfyUI at {root} is not importable here: {e}")
-    return comfy
 
 
 @pytest.fixture(scope="module")

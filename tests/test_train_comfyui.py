@@ -1,11 +1,8 @@
 """The student LoRA export in a real ComfyUI: LoraLoaderModelOnly's code path
 (`comfy.sd.load_lora_for_models`) maps every key and patches the base into the merged student.
 
-Needs COMFYUI_PATH (see /work/COMFYUI_ENV.md); skips cleanly without it.
+Needs COMFYUI_PATH (see /work/COMFYUI_ENV.md); skips cleanly without it (`comfy` fixture in conftest.py).
 """
-
-import os
-import sys
 
 import pytest
 import torch
@@ -15,25 +12,6 @@ from jdm_train.denoisers import build_roles, merged_student_unet, student_lora_s
 from jdm_train.schedule import NoiseSchedule
 
 pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    root = os.environ.get("COMFYUI_PATH")
-    if not root or not os.path.isfile(os.path.join(root, "comfy", "sd.py")):
-        pytest.skip("COMFYUI_PATH does not point at a ComfyUI checkout")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # a CPU-only torch: before comfy.model_management is imported
-        import comfy.model_management
-        import comfy.sd
-        import comfy.utils
-    except ImportError as e:
-        pytest.skip(f"ComfyUI at {root} is not importable here: {e}")
-    return comfy
 
 
 def test_student_lora_patches_base_into_merged_student(comfy, tmp_path):

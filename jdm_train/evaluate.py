@@ -262,7 +262,8 @@ def score(images: Tensor, eval_set: EvalSet, reference_features: Tensor, feature
     if clip is not None:
         out["clip_score"] = clip.mean().item()
     if isinstance(feature_net, DemoFeatures):
-        out["caption_agreement"] = feature_net.agreement(images, eval_set.captions)["all"]
+        agree = feature_net.agreement(images, eval_set.captions)
+        out["caption_agreement"] = {k: agree[k] for k in ("background", "colours", "all")}
     return out
 
 
@@ -270,11 +271,17 @@ def format_table(rows: dict[str, dict]) -> str:
     """Markdown table of result rows: FID, consistency, NFE, time per image (+ optional columns)."""
     cols = [("FID", "fid", "{:.2f}"), ("consistency (L1)", "consistency", "{:.4f}"), ("NFE", "nfe", "{}"),
             ("s / image", "seconds_per_image", "{:.3f}")]
-    extra = [("CLIP score", "clip_score", "{:.2f}"), ("caption agreement", "caption_agreement", "{:.2f}")]
+    extra = [("CLIP score", "clip_score", "{:.2f}"), ("caption agreement bg / colours / all", "caption_agreement", "")]
     cols += [c for c in extra if any(c[1] in r for r in rows.values())]
     lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def cell(value, fmt: str) -> str:
+        if isinstance(value, dict):
+            return " / ".join(f"{v:.2f}" for v in value.values())
+        return fmt.format(value)
+
     for name, r in rows.items():
-        cells = [fmt.format(r[key]) if key in r and r[key] is not None else "-" for _, key, fmt in cols]
+        cells = [cell(r[key], fmt) if key in r and r[key] is not None else "-" for _, key, fmt in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

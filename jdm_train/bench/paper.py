@@ -1,0 +1,115 @@
+"""`python -m jdm_train.bench paper`: rows of JDM's Tables 1-2 on the demo world.
+
+Every row is trained by the same trainer (`python -m jdm_train`) on the shipped demo teacher
+with the same seed and step budget, then scored by `jdm_train.evaluate` on the same held-out
+conditions and noise: FID against the teacher's uncontrolled multi-step samples (demo
+feature network), consistency `||h(x) - c||_1`, NFE and time per image. Rows:
+
+- teacher, multi-step DDIM without control (the FID reference; consistency shows what
+  ignoring the control costs);
+- DSM one-step ControlNet (`--objective dsm`);
+- implicit VSD (`--objective vsd`: fidelity only, no condition term);
+- JDM (`--objective jdm --divergence rkl`);
+- JDM with Jensen-Shannon weighting (`--divergence js`, f-distill);
+- the JDM student with its control image blanked (does the student use the control?).
+
+Not here: "teacher + ControlNet trained by denoising" and "DI + ControlNet", which need a
+ControlNet trained by the ordinary denoising loss on the teacher (not a trainer objective).
+Writes `table.md`, `results.json` and one sample grid per row into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = {
+    "DSM one-step ControlNet": ["--objective", "dsm"],
+    "implicit VSD": ["--objective", "vsd"],
+    "JDM (reverse KL)": ["--objective", "jdm", "--divergence", "rkl"],
+    "JDM (Jensen-Shannon)": ["--objective", "jdm", "--divergence", "js"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jdm_train.bench paper", description=__doc__.split("\n")[0])
+    p.add_argument("--control", default="canny", help="control to learn (canny or lowres need no weights)")
+    p.add_argument("--steps", type=int, default=300, help="generator updates per trained row")
+    p.add_argument("--batch-size", type=int, default=4, help="trainer batch size")
+    p.add_argument("--n", type=int, default=128, help="held-out conditions scored per row")
+    p.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps of the teacher reference")
+    p.add_argument("--cfg", type=float, default=4.0, help="CFG scale of the teacher reference")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--out", type=Path, default=Path("bench_paper"), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise")
+    p.add_argument("--train-arg", action="append", default=[], help="extra trainer flag (repeatable), e.g. --train-arg=--cfg-scale=2")
+    return p.parse_args(argv)
+
+
+def train_row(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, Path, float]:
+    """Run the trainer for one row; returns (student UNet, ControlNet, seconds)."""
+    from jdm_train import cli
+
+    run_dir = args.out / "runs" / name.replace(" ", "_").replace("(", "").replace(")", "")
+    argv = ["--ckpt", "demo", "--control", args.control, "--resolution", "64", "--max-steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--output-dir", str(run_dir),
+            "--output", "student", *flags, *args.train_arg]
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    if rc not in (0, None):
+        raise RuntimeError(f"trainer failed for row {name!r} (exit {rc}): python -m jdm_train {' '.join(argv)}")
+    return run_dir / "student.safetensors", run_dir / f"student_{args.control}.safetensors", time.perf_counter() - t0
+
+
+def save_row_grid(path: Path, control: torch.Tensor, images: torch.Tensor, count: int = 8) -> Path:
+    """Two rows: the control images, then the samples."""
+    from jdm_train.demo.train_teacher import save_grid
+
+    k = min(count, images.shape[0])
+    return save_grid(torch.cat([control[:k].float(), images[:k].float()]), path, ncol=k)
+
+
+def main(argv=None) -> int:
+    from jdm_train import evaluate, model_io
+    from jdm_train.demo import teacher_path
+
+    args = parse_args(argv)
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    teacher = evaluate.Teacher(model_io.load_sd1_checkpoint(teacher_path()))
+    feature_net = evaluate.DemoFeatures()
+    eval_set = evaluate.demo_eval_set(args.n, args.control)
+    noise = teacher.noise(args.n, eval_set.images.shape[-1], args.seed)
+
+    rows: dict[str, dict] = {}
+    ref, sec = evaluate.run_generator(teacher.multistep(args.teacher_steps, args.cfg), eval_set, noise)
+    ref_features = feature_net.features(ref)
+    name = f"teacher, {args.teacher_steps}-step DDIM, no control"
+    rows[name] = evaluate.score(ref, eval_set, ref_features, feature_net, args.teacher_steps, sec)
+    save_row_grid(args.out / "grid_teacher.png", eval_set.control, ref)
+    for name in names:
+        student, controlnet, train_seconds = train_row(name, ROWS[name], args)
+        gen = teacher.one_step(model_io.load_unet(student), model_io.load_controlnet(controlnet))
+        imgs, sec = evaluate.run_generator(gen, eval_set, noise)
+        rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec), "train_seconds": train_seconds}
+        save_row_grid(args.out / f"grid_{name.split()[0].lower()}_{len(rows)}.png", eval_set.control, imgs)
+        if name == "JDM (reverse KL)":
+            imgs, sec = evaluate.run_generator(gen, eval_set, noise, blank_control=True)
+            rows["JDM (reverse KL), control blanked"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
+        print(evaluate.format_table(rows), flush=True)
+
+    table = evaluate.format_table(rows)
+    command = "python -m jdm_train.bench paper " + " ".join(argv if argv is not None else [])
+    (args.out / "table.md").write_text(f"`{command.strip()}`\n\n{table}\n")
+    (args.out / "results.json").write_text(json.dumps({"command": command.strip(), "steps": args.steps, "n": args.n,
+                                                       "control": args.control, "rows": rows}, indent=2) + "\n")
+    print(table)
+    print(f"wrote {args.out / 'table.md'}")
+    return 0

@@ -1,0 +1,125 @@
+"""jdm_train.evaluate: FID against independent references, consistency, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jdm_train import evaluate
+
+
+def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.standard_normal((d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    """Against the textbook formula with scipy's general matrix square root (pytorch-fid's way)."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    for d in (2, 5, 16):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        c1, c2 = _spd(rng, d), _spd(rng, d)
+        covmean = linalg.sqrtm(c1 @ c2).real
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean)
+        assert evaluate.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-7, abs=1e-7)
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    """Diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2 (Wasserstein-2 squared)."""
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-12)
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_fid_of_samples_tracks_the_gaussian_distance():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 4, generator=gen)
+    y = torch.randn(4000, 4, generator=gen)
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5])
+    assert evaluate.fid(x, y) < 0.02
+    assert evaluate.fid(x, y + shift) == pytest.approx(float((shift**2).sum()), abs=0.1)
+    # std 2 vs 1 in every dim: (2 - 1)^2 * 4 = 4
+    assert evaluate.fid(x, 2 * y) == pytest.approx(4.0, abs=0.2)
+    with pytest.raises(ValueError, match="features"):
+        evaluate.fid(x[:1], y)
+
+
+def test_score_consistency_is_zero_on_the_data_and_not_on_blanks():
+    eval_set = evaluate.demo_eval_set(4, "canny")
+    ref = torch.randn(4, 9)
+
+    class Feats(evaluate.FeatureNet):
+        def features(self, images):
+            return images.mean(dim=(2, 3)).repeat(1, 3)
+
+    data_row = evaluate.score(eval_set.images, eval_set, Feats().features(eval_set.images), Feats(), 0, 0.0)
+    assert data_row["consistency"] == 0.0
+    assert data_row["fid"] == pytest.approx(0.0, abs=1e-6)
+    grey = torch.full_like(eval_set.images, 0.5)
+    assert evaluate.score(grey, eval_set, ref, Feats(), 1, 0.0)["consistency"] > 0.01
+    table = evaluate.format_table({"data": data_row})
+    assert table.splitlines()[2].startswith("| data | ")
+
+
+def test_clip_features_and_score_with_a_tiny_local_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    net = evaluate.ClipFeatures(tmp_path / "clip")
+    images = torch.rand(3, 3, 64, 64)
+    feats = net.features(images)
+    assert feats.shape == (3, 16)
+    score = net.clip_score(images, ["a red circle on a grey background"] * 3)
+    assert score.shape == (3,) and (score >= 0).all() and (score <= 100).all()
+    # Independent reference: cosine of the model's own embeddings, computed here.
+    tok = net.tokenizer(["a red circle on a grey background"], padding="max_length", max_length=77, return_tensors="pt")
+    txt = net._tensor(net.model.get_text_features(input_ids=tok.input_ids))
+    cos = torch.nn.functional.cosine_similarity(feats[:1], txt)
+    assert score[0].item() == pytest.approx(100 * max(cos.item(), 0.0), abs=1e-4)
+    with pytest.raises(ValueError, match="CLIPModel"):
+        evaluate.ClipFeatures(tmp_path)
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
+    """Teacher reference, student with ControlNet and blanked control, JSON and table, on real tiny models."""
+    from jdm_train import fixtures, model_io
+    from jdm_train.demo import FEATURES_PATH
+
+    if not FEATURES_PATH.is_file():
+        pytest.fail(f"shipped demo feature network {FEATURES_PATH} missing")
+    ckpt = fixtures.write_tiny_sd1_checkpoint(tmp_path / "tiny.safetensors")
+    pipe = model_io.load_sd1_checkpoint(ckpt)
+    student = model_io.save_unet_ldm(tmp_path / "student.safetensors", pipe.unet, {"jdm.kind": "student", "jdm.timestep": "999"})
+    cn = fixtures.make_controlnet(pipe.unet)
+    control = model_io.save_controlnet_ldm(tmp_path / "cn.safetensors", cn, {"jdm.kind": "controlnet", "jdm.control": "canny"})
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--ckpt", str(ckpt), "--features", str(FEATURES_PATH), "--student", str(student),
+                        "--controlnet", str(control), "--n", "6", "--teacher-steps", "2", "--batch", "4",
+                        "--blank-control", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert set(rows) == {"teacher (2-step DDIM, no control)", "data (held-out images)", "student (1 step, control)",
+                         "student (1 step, blank control)"}
+    assert rows["data (held-out images)"]["consistency"] == 0.0
+    for r in rows.values():
+        assert np.isfinite(r["fid"]) and r["fid"] >= 0.0
+        assert set(r["caption_agreement"]) == {"background", "colours", "all"}
+        assert all(0.0 <= v <= 1.0 for v in r["caption_agreement"].values())
+    assert rows["data (held-out images)"]["caption_agreement"]["background"] > 0.8
+    assert rows["student (1 step, control)"]["nfe"] == 1
+    assert rows["teacher (2-step DDIM, no control)"]["fid"] == pytest.approx(0.0, abs=1e-6)

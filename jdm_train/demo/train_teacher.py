@@ -282,7 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, default=1600, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=8, help="VAE batch size (32x32 crops)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
-    p.add_argument("--unet-steps", type=int, default=1200, help="UNet + text-encoder optimisation steps")
+    p.add_argument("--unet-steps", type=int, default=3500, help="UNet + text-encoder optimisation steps")
     p.add_argument("--unet-batch", type=int, default=24, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")

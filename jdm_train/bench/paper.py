@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -50,11 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def train_row(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Path, Path, float]:
     """Run the trainer for one row; returns (student UNet, ControlNet, seconds)."""
     from jdm_train import cli
 
-    run_dir = args.out / "runs" / name.replace(" ", "_").replace("(", "").replace(")", "")
+    run_dir = args.out / "runs" / _slug(name)
     argv = ["--ckpt", "demo", "--control", args.control, "--resolution", "64", "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--output-dir", str(run_dir),
             "--output", "student", *flags, *args.train_arg]
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
         gen = teacher.one_step(model_io.load_unet(student), model_io.load_controlnet(controlnet))
         imgs, sec = evaluate.run_generator(gen, eval_set, noise)
         rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec), "train_seconds": train_seconds}
-        save_row_grid(args.out / f"grid_{name.split()[0].lower()}_{len(rows)}.png", eval_set.control, imgs)
+        save_row_grid(args.out / f"grid_{_slug(name)}.png", eval_set.control, imgs)
         if name == "JDM (reverse KL)":
             imgs, sec = evaluate.run_generator(gen, eval_set, noise, blank_control=True)
             rows["JDM (reverse KL), control blanked"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)

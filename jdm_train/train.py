@@ -530,6 +530,10 @@ class Trainer:
                     status = 130
                     break
             if self.step >= cfg.max_steps:
+                # Every finished run leaves a picture of what it learnt, not only weights.
+                final = write_preview(self) if not (cfg.preview_every and self.step % cfg.preview_every == 0) else None
+                if final is not None:
+                    log.info("preview grid (condition | student one step | teacher multi-step): %s", final)
                 export(self)
         except NonFiniteLossError as exc:
             log.error("%s", exc)

@@ -258,15 +258,33 @@ def test_gradient_checkpointing_with_shared_base_matches_plain_run(world, tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_ckpt_demo_trains_on_the_procedural_set(world, tmp_path, monkeypatch):
+def test_main_job_on_the_shipped_demo_teacher(tmp_path, caplog):
+    """The README's main job, `python -m jdm_train --ckpt demo --control canny`, shortened by
+    --max-steps: it trains on the procedural set, exports a student and a ControlNet that load
+    back through model_io, writes a preview grid, and logs where everything is."""
+    import logging
+
     from jdm_train import demo
 
-    if not demo.TEACHER_PATH.is_file():  # not shipped in this checkout: the tiny teacher stands in
-        monkeypatch.setattr(demo, "TEACHER_PATH", world["ckpt"])
+    assert demo.TEACHER_PATH.is_file(), "the demo teacher must ship with the package"
     out = tmp_path / "demo"
-    assert cli.main(["--ckpt", "demo", "--output-dir", str(out), "--max-steps", "1", "--control", "canny"]) == 0
-    meta = model_io.read_metadata(out / "jdm.safetensors")
-    assert meta["jdm.config"]["data"] == "demo" and meta["jdm.config"]["resolution"] == 64
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["--ckpt", "demo", "--control", "canny", "--output-dir", str(out), "--max-steps", "2"]) == 0
+    student, controlnet = out / "jdm.safetensors", out / "jdm_canny.safetensors"
+    meta = model_io.read_metadata(student)
+    assert meta["jdm.kind"] == "student" and meta["jdm.config"]["data"] == "demo"
+    assert meta["jdm.config"]["resolution"] == 64
+    cmeta = model_io.read_metadata(controlnet)
+    assert cmeta["jdm.kind"] == "controlnet" and cmeta["jdm.control"] == "canny"
+    unet = model_io.load_unet(student)
+    assert unet.config.cross_attention_dim == model_io.load_sd1_checkpoint(demo.TEACHER_PATH).unet.config.cross_attention_dim
+    model_io.load_controlnet(controlnet)
+    previews = sorted(out.glob("preview-*.png"))
+    assert previews, "a finished run writes a preview grid"
+    grid = Image.open(previews[-1])
+    assert grid.width >= 3 * 64 and grid.height >= 64  # condition | student | teacher
+    for path in (student, controlnet, previews[-1]):
+        assert str(path) in caplog.text
 
 
 def test_setup_errors_are_reported_not_raised(world, tmp_path, caplog):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from jdm_train.model_io import tokenize
 from jdm_train.schedule import NoiseSchedule
 
 # images (B, 3, H, W) in [0, 1] for captions, control (or None) and a noise tensor
@@ -186,7 +187,7 @@ class Teacher:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Tensor:
-        ids = self.pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tokenize(self.pipe.tokenizer, captions)
         return self.pipe.text_encoder(ids).last_hidden_state
 
     @torch.no_grad()
@@ -204,7 +205,7 @@ class Teacher:
     def multistep(self, steps: int, cfg: float, negative: str = "") -> Generator:
         """The teacher's uncontrolled DDIM sampler with CFG (the reference of FID); NFE = `steps`."""
         from jdm_train.denoisers import Cond, UNetDenoiser
-        from jdm_train.train import ddim_reference
+        from jdm_train.sampling import ddim_reference
 
         denoise = UNetDenoiser(self.pipe.unet, self.schedule)
 

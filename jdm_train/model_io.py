@@ -474,6 +474,13 @@ def load_tokenizer(checkpoint_path: str | os.PathLike | None = None, comfyui_roo
 # --------------------------------------------------------------------------- loading
 
 
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (B, 77) as SD1.x pipelines feed the text encoder: padded to the tokenizer's
+    ``model_max_length`` and truncated."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
 def load_sd1_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
                         allow_pickle: bool = False, comfyui_root: str | os.PathLike | None = None) -> SD1Pipeline:
     """Load an SD1.x single-file checkpoint (LDM keys) offline into diffusers modules.

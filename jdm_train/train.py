@@ -225,8 +225,7 @@ class Trainer:
         encoder = encoder or self.text_encoder
         missing = [c for c in dict.fromkeys(captions) if (id(encoder), c) not in self._text_cache]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = model_io.tokenize(self.tokenizer, missing).to(self.device)
             hidden = encoder(ids)[0]
             if len(self._text_cache) > 4096:
                 self._text_cache.clear()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jdm_train import model_io
 from jdm_train.demo import data
 from jdm_train.schedule import NoiseSchedule
 
@@ -92,15 +93,7 @@ def build_models() -> tuple:
 
 def clip_tokenizer():
     """The real CLIP BPE tokenizer (vocab 49408), built offline by model I/O."""
-    from jdm_train import model_io
-
     return model_io.load_tokenizer()
-
-
-def tokenize(tokenizer, captions: list[str]) -> Tensor:
-    """Token ids (B, 77), padded and truncated the way SD1.x pipelines do."""
-    out = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-    return out.input_ids
 
 
 # ----------------------------------------------------------------------------- data
@@ -337,8 +330,8 @@ def main(argv=None) -> int:
     log(f"latents {tuple(lat_mean.shape)} std {lat_mean.std().item():.3f} mean {lat_mean.mean().item():.3f}")
 
     captions = [data.caption(data.TRAIN_START + i) for i in range(args.n_train)]
-    ids = tokenize(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
+    ids = model_io.tokenize(tokenizer, captions)
+    empty_ids = model_io.tokenize(tokenizer, [""])[0]
     state_path = work / "unet_state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
 
@@ -353,8 +346,6 @@ def main(argv=None) -> int:
     save_grid(grid, work / "samples_heldout_captions.png")
     (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
 
-    from jdm_train import model_io
-
     metadata = {
         "jdm.kind": "teacher",
         "jdm.base": "demo",
@@ -363,12 +354,6 @@ def main(argv=None) -> int:
         "jdm.train_seconds": f"{train_seconds:.0f}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not hasattr(model_io, "save_sd1_checkpoint"):
-        # Model I/O not landed yet: keep diffusers folders; rerunning the same command converts (stages are cached).
-        for name, m in (("unet", ema_unet), ("vae", vae), ("text_encoder", ema_text)):
-            m.save_pretrained(work / "diffusers" / name)
-        log(f"model_io.save_sd1_checkpoint missing; saved diffusers folders in {work / 'diffusers'}")
-        return 1
     model_io.save_sd1_checkpoint(args.out, ema_unet.half(), vae.half(), ema_text.half(), metadata)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0

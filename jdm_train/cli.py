@@ -71,7 +71,9 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("lr_fake", float, None, "Learning rate of the fake score."),
     ("lr_consistency", float, None, "Learning rate of the consistency LoRA."),
     ("lr_discriminator", float, None, "Learning rate of the discriminator head."),
-    ("adam_beta1", float, None, "AdamW beta1 of every optimizer."),
+    ("adam_beta1", float, None, "AdamW beta1 of every optimizer but the ControlNet's (0: no momentum, as DMD)."),
+    ("adam_beta1_controlnet", float, None, "AdamW beta1 of the ControlNet. A fresh ControlNet learns its hint path "
+                                           "through the noisy distillation gradient only with momentum."),
     ("adam_beta2", float, None, "AdamW beta2 of every optimizer."),
     ("weight_decay", float, None, "AdamW weight decay."),
     ("max_grad_norm", float, None, "Gradient-norm clip (0 = off)."),

@@ -71,6 +71,7 @@ class TrainConfig:
     lr_consistency: float = 1e-4
     lr_discriminator: float = 1e-5
     adam_beta1: float = 0.0
+    adam_beta1_controlnet: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -121,6 +122,9 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a number >= 0")
+        for name in ("adam_beta1", "adam_beta1_controlnet", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, getattr(self, name), "a number in [0, 1)")
         if self.cfg_scale < 1.0:
             bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -32,6 +32,7 @@ from jdm_train.schedule import NoiseSchedule
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj")
 _HINT_CHANNELS = (16, 32, 96, 256)
+HINT_OUT_STD = 0.02
 
 
 @dataclass
@@ -166,7 +167,26 @@ def new_controlnet(unet: nn.Module, vae_scale_factor: int = 8) -> nn.Module:
     levels = int(round(math.log2(vae_scale_factor)))
     if 2**levels != vae_scale_factor or not 0 <= levels < len(_HINT_CHANNELS):
         raise ValueError(f"vae_scale_factor must be 1, 2, 4 or 8, got {vae_scale_factor}")
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_HINT_CHANNELS[: levels + 1])
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_HINT_CHANNELS[: levels + 1])
+    init_hint_embedding(controlnet.controlnet_cond_embedding)
+    return controlnet
+
+
+def init_hint_embedding(embedding: nn.Module, out_std: float = HINT_OUT_STD) -> None:
+    """He-initialise the hint encoder and give its output conv small random weights.
+
+    With PyTorch's default conv init the sparse control (a few % of canny pixels) fades by
+    ~1/sqrt(3) per layer over the hint encoder's seven convolutions, and a zero output conv
+    multiplies in a second zero: the ControlNet then needs hundreds of steps before its features
+    depend on the control at all (measured on the demo world: output sensitivity to the control
+    1e-5 after 50 steps, 0.1 with this init). The zero convolutions that feed the UNet stay zero,
+    so the student still starts exactly as the teacher.
+    """
+    for conv in (embedding.conv_in, *embedding.blocks):
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+    nn.init.normal_(embedding.conv_out.weight, std=out_std)
+    nn.init.zeros_(embedding.conv_out.bias)
 
 
 @dataclass

@@ -191,14 +191,17 @@ class Trainer:
                                               self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
 
-    def _adamw(self, groups: list[tuple[list, float]]):
+    def _adamw(self, groups: list[tuple[list, float]], beta1: dict[int, float] | None = None):
+        """AdamW over `(params, lr)` groups; `beta1` overrides `--adam-beta1` for the group at that index."""
         cfg = self.config
-        params = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
-        return torch.optim.AdamW(params, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        params = [{"params": ps, "lr": lr, "betas": ((beta1 or {}).get(i, cfg.adam_beta1), cfg.adam_beta2)}
+                  for i, (ps, lr) in enumerate(groups) if ps]
+        return torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
 
     def _build_optimizers(self) -> dict:
         cfg, g = self.config, self.roles.groups
-        opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student), (g["controlnet"], cfg.lr_controlnet)])}
+        opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student), (g["controlnet"], cfg.lr_controlnet)],
+                                         beta1={1: cfg.adam_beta1_controlnet})}
         if cfg.objective != "dsm":
             opts["fake"] = self._adamw([(g["fake"], cfg.lr_fake), (g["consistency"], cfg.lr_consistency)])
         if "discriminator" in g:

@@ -296,3 +296,17 @@ def test_setup_errors_are_reported_not_raised(world, tmp_path, caplog):
     assert cli.main(["--ckpt", str(tmp_path / "missing.safetensors"), "--data", str(world["data"]),
                      "--output-dir", str(tmp_path / "o")]) == 2
     assert "missing.safetensors" in caplog.text
+
+
+def test_controlnet_has_its_own_adam_beta1(world, tmp_path):
+    """The ControlNet's group uses --adam-beta1-controlnet (momentum), the student's --adam-beta1 (DMD's 0)."""
+    from jdm_train.train import Trainer
+
+    trainer = Trainer(cli.parse_args(_argv(world, tmp_path, "--adam-beta1-controlnet", "0.8", "--max-steps", "1")))
+    groups = trainer.optimizers["generator"].param_groups
+    by_ids = {frozenset(id(p) for p in g["params"]): g["betas"] for g in groups}
+    controlnet_ids = frozenset(id(p) for p in trainer.roles.groups["controlnet"])
+    student_ids = frozenset(id(p) for p in trainer.roles.groups["student"])
+    assert by_ids[controlnet_ids] == (0.8, 0.999) and by_ids[student_ids] == (0.0, 0.999)
+    with pytest.raises(SystemExit):
+        cli.parse_args(_argv(world, tmp_path, "--adam-beta1-controlnet", "1.0"))

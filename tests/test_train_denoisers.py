@@ -55,3 +55,34 @@ def test_merged_student_equals_the_adapter_student():
     with torch.no_grad():
         torch.testing.assert_close(merged(x, t, cond), roles.student(x, t, cond), rtol=1e-4, atol=1e-4)
         assert (merged(x, t, cond) - roles.teacher(x, t, cond)).abs().max() > 1e-3
+
+
+def test_fresh_controlnet_sees_the_control_but_adds_nothing():
+    """He-initialised hint encoder: its output depends on a sparse edge map from step 0, while the
+    zero convolutions keep the student equal to the teacher. Default PyTorch init loses the control
+    through the hint encoder (the ratio below is ~1e-3 there), which is what made the ControlNet slow."""
+    from jdm_train.denoisers import init_hint_embedding, new_controlnet
+
+    torch.manual_seed(0)
+    unet = fixtures.make_unet(cross_attention_dim=64)
+    cn = new_controlnet(unet)
+    edges = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) > 0.97).float()
+    x, t, cond = _inputs()
+
+    def control_effect(embedding):
+        with torch.no_grad():
+            on, off = embedding(edges), embedding(torch.zeros_like(edges))
+        return float((on - off).abs().mean() / on.abs().mean().clamp_min(1e-12))
+
+    assert control_effect(cn.controlnet_cond_embedding) > 0.2
+    with torch.no_grad():
+        down, mid = cn(x, t, encoder_hidden_states=cond.text, controlnet_cond=edges, return_dict=False)
+    assert all(float(r.abs().max()) == 0.0 for r in (*down, mid)), "zero convolutions: the student starts as the teacher"
+
+    default = new_controlnet(unet)
+    emb = default.controlnet_cond_embedding
+    for conv in (emb.conv_in, *emb.blocks, emb.conv_out):
+        conv.reset_parameters()  # PyTorch's default init, for comparison
+    assert control_effect(emb) < 0.1 * control_effect(cn.controlnet_cond_embedding)
+    init_hint_embedding(emb)
+    assert control_effect(emb) > 0.2

@@ -232,14 +232,26 @@ class Teacher:
         return generate
 
 
+CONTROL_MODES = ("given", "blank", "shuffled")
+
+
 def run_generator(generate: Generator, eval_set: EvalSet, noise: Tensor, batch: int = 32,
-                  blank_control: bool = False) -> tuple[Tensor, float]:
-    """All images of `eval_set` through `generate` in batches; returns (images, seconds per image)."""
+                  control_mode: str = "given") -> tuple[Tensor, float]:
+    """All images of `eval_set` through `generate` in batches; returns (images, seconds per image).
+
+    control_mode: "given" feeds each image its own condition; "blank" feeds zeros; "shuffled" feeds
+    the next held-out image's condition (scored against the image's own, it shows whether the
+    student draws what it is given: a canny map of a flat image is blank, so for edges "blank" is
+    itself a valid condition and a student that obeys it draws nothing there).
+    """
+    if control_mode not in CONTROL_MODES:
+        raise ValueError(f"control_mode must be one of {CONTROL_MODES}, got {control_mode!r}")
+    source = eval_set.control.roll(-1, dims=0) if control_mode == "shuffled" else eval_set.control
     outs = []
     t0 = time.perf_counter()
     for i in range(0, len(eval_set.captions), batch):
-        control = eval_set.control[i : i + batch]
-        if blank_control:
+        control = source[i : i + batch]
+        if control_mode == "blank":
             control = torch.zeros_like(control)
         outs.append(generate(eval_set.captions[i : i + batch], control, noise[i : i + batch]))
     seconds = (time.perf_counter() - t0) / len(eval_set.captions)
@@ -303,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=Path, help="local transformers CLIPModel folder: CLIP features for FID and CLIP score")
     p.add_argument("--features", type=Path, help="demo feature network weights (default: the shipped one)")
     p.add_argument("--blank-control", action="store_true", help="also score the student with blank (zero) control images")
+    p.add_argument("--shuffled-control", action="store_true",
+                   help="also score the student given another held-out image's control (against each image's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by all generators")
     p.add_argument("--batch", type=int, default=32, help="generation batch size")
     p.add_argument("--out", type=Path, default=Path("jdm_eval.json"), help="JSON file to write")
@@ -346,9 +360,10 @@ def main(argv=None) -> int:
         gen = teacher.one_step(unet, controlnet, t_g)
         imgs, sec = run_generator(gen, eval_set, noise, args.batch)
         rows["student (1 step, control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
-        if args.blank_control:
-            imgs, sec = run_generator(gen, eval_set, noise, args.batch, blank_control=True)
-            rows["student (1 step, blank control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
+        for mode in ("blank", "shuffled"):
+            if getattr(args, f"{mode}_control"):
+                imgs, sec = run_generator(gen, eval_set, noise, args.batch, control_mode=mode)
+                rows[f"student (1 step, {mode} control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
 
     print(format_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)

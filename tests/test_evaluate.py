@@ -109,12 +109,12 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     out = tmp_path / "eval.json"
     rc = evaluate.main(["--ckpt", str(ckpt), "--features", str(FEATURES_PATH), "--student", str(student),
                         "--controlnet", str(control), "--n", "6", "--teacher-steps", "2", "--batch", "4",
-                        "--blank-control", "--out", str(out)])
+                        "--blank-control", "--shuffled-control", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert set(rows) == {"teacher (2-step DDIM, no control)", "data (held-out images)", "student (1 step, control)",
-                         "student (1 step, blank control)"}
+                         "student (1 step, blank control)", "student (1 step, shuffled control)"}
     assert rows["data (held-out images)"]["consistency"] == 0.0
     for r in rows.values():
         assert np.isfinite(r["fid"]) and r["fid"] >= 0.0
@@ -123,3 +123,18 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert rows["data (held-out images)"]["caption_agreement"]["background"] > 0.8
     assert rows["student (1 step, control)"]["nfe"] == 1
     assert rows["teacher (2-step DDIM, no control)"]["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_run_generator_control_modes():
+    """given / blank / shuffled reach the generator as the image's own, zero, and the next image's condition."""
+    control = torch.rand(5, 3, 8, 8)
+    eval_set = evaluate.EvalSet([f"c{i}" for i in range(5)], torch.rand(5, 3, 8, 8), control, "canny")
+    echo = lambda captions, c, noise: c  # noqa: E731
+    noise = torch.zeros(5, 4, 1, 1)
+    given, _ = evaluate.run_generator(echo, eval_set, noise, batch=2)
+    blank, _ = evaluate.run_generator(echo, eval_set, noise, batch=2, control_mode="blank")
+    shuffled, _ = evaluate.run_generator(echo, eval_set, noise, batch=2, control_mode="shuffled")
+    assert torch.equal(given, control) and torch.equal(blank, torch.zeros_like(control))
+    assert torch.equal(shuffled[:4], control[1:]) and torch.equal(shuffled[4], control[0])
+    with pytest.raises(ValueError, match="control_mode"):
+        evaluate.run_generator(echo, eval_set, noise, control_mode="zeros")

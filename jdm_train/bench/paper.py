@@ -11,7 +11,8 @@ feature network), consistency `||h(x) - c||_1`, NFE and time per image. Rows:
 - implicit VSD (`--objective vsd`: fidelity only, no condition term);
 - JDM (`--objective jdm --divergence rkl`);
 - JDM with Jensen-Shannon weighting (`--divergence js`, f-distill);
-- the JDM student with its control image blanked (does the student use the control?).
+- the JDM student with its control image blanked, and given another held-out image's control
+  (scored against each image's own condition: does the student draw what it is given?).
 
 Not here: "teacher + ControlNet trained by denoising" and "DI + ControlNet", which need a
 ControlNet trained by the ordinary denoising loss on the teacher (not a trainer objective).
@@ -106,8 +107,9 @@ def main(argv=None) -> int:
         rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec), "train_seconds": train_seconds}
         save_row_grid(args.out / f"grid_{_slug(name)}.png", eval_set.control, imgs)
         if name == "JDM (reverse KL)":
-            imgs, sec = evaluate.run_generator(gen, eval_set, noise, blank_control=True)
-            rows["JDM (reverse KL), control blanked"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
+            for mode, label in (("blank", "control blanked"), ("shuffled", "another image's control")):
+                imgs, sec = evaluate.run_generator(gen, eval_set, noise, control_mode=mode)
+                rows[f"JDM (reverse KL), {label}"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
         print(evaluate.format_table(rows), flush=True)
 
     table = evaluate.format_table(rows)

@@ -138,3 +138,26 @@ def test_run_generator_control_modes():
     assert torch.equal(shuffled[:4], control[1:]) and torch.equal(shuffled[4], control[0])
     with pytest.raises(ValueError, match="control_mode"):
         evaluate.run_generator(echo, eval_set, noise, control_mode="zeros")
+
+
+def test_edge_f1_tolerates_one_pixel():
+    from jdm_train.bench.control import edge_f1
+
+    c = torch.zeros(1, 1, 16, 16)
+    c[..., 8, 2:14] = 1
+    assert edge_f1(c, c) == pytest.approx(1.0)
+    assert edge_f1(c.roll(1, dims=2), c) == pytest.approx(1.0)
+    assert edge_f1(c.roll(2, dims=2), c) == 0.0
+    half = c.clone()
+    half[..., 8, 8:14] = 0
+    # precision 1, recall 7/12 (the dilation reaches one pixel past the cut)
+    assert edge_f1(half, c) == pytest.approx(2 * (7 / 12) / (1 + 7 / 12))
+
+
+def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
+    from jdm_train.bench import control
+
+    assert control.main(["--n", "4", "--every", "1", "--max-steps", "1", "--output-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-4].startswith("| step | s | L1 own | F1 own | L1 blank")
+    assert table[-2].startswith("| 0 |") and table[-1].startswith("| 1 |")

@@ -49,7 +49,7 @@ def test_params_are_declared_and_validated():
             if p.kind in ("int", "float"):
                 assert p.min <= p.default <= p.max and p.step > 0
         ext = get_extractor(name)
-        assert ext.distance in ("l1", "mse", "bce")
+        assert ext.distance in ("l1", "mse", "bce", "balanced_bce")
     with pytest.raises(ValueError, match="low_threshold"):
         get_extractor("canny", low_thresh=3)
     with pytest.raises(ValueError, match="factor"):
@@ -265,3 +265,23 @@ def test_canny_bit_exact_on_adversarial_images(kind):
         lo, hi = (int(t) for t in sorted(rng.integers(0, 400, 2)))
         out = canny_edges(to_bchw(img), lo, hi)[0].numpy()
         assert np.array_equal(out, cv2.Canny(img, lo, hi) > 0), (h, w, lo, hi)
+
+
+def test_balanced_bce_weighs_edge_and_background_pixels_half_each():
+    """Canny's condition distance: HED's class-balanced BCE equals the mean of the per-class mean BCEs."""
+    import torch.nn.functional as F
+
+    from jdm_train.extractors.base import DISTANCES
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, generator=g)
+    c = (torch.rand(2, 3, 16, 16, generator=g) > 0.95).float()
+    bce = F.binary_cross_entropy_with_logits(logits, c, reduction="none")
+    for i in range(2):
+        pos, neg = bce[i][c[i] > 0.5], bce[i][c[i] < 0.5]
+        expected = 0.5 * pos.mean() + 0.5 * neg.mean()
+        torch.testing.assert_close(DISTANCES["balanced_bce"](logits, c)[i], expected)
+    # no edges at all: plain BCE over the background
+    blank = torch.zeros_like(c)
+    torch.testing.assert_close(DISTANCES["balanced_bce"](logits, blank), DISTANCES["bce"](logits, blank))
+    assert get_extractor("canny").distance == "balanced_bce"

@@ -192,7 +192,7 @@ class Canny(Extractor):
     """Canny edges as ControlNet's annotator makes them (white edges on black)."""
 
     name = "canny"
-    distance = "bce"
+    distance = "balanced_bce"
     PARAMS = (
         Param("low_threshold", 100, 0, _MAX_L1, 1, tooltip="lower hysteresis threshold (8-bit Sobel L1 units, as cv2.Canny)"),
         Param("high_threshold", 200, 0, _MAX_L1, 1, tooltip="upper hysteresis threshold (8-bit Sobel L1 units, as cv2.Canny)"),

@@ -22,7 +22,7 @@ from jdm_train.config import (
 # (flag, type or "flag" for store_true, choices, help). Defaults are read off TrainConfig.
 _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("ckpt", str, None, "Teacher SD1.x checkpoint: a path, a file name in <root>/models/checkpoints, or 'demo' "
-                        "for the shipped demo teacher."),
+                        "for the shipped demo teacher (which also sets demo-sized defaults: jdm_train.demo.TRAIN_DEFAULTS)."),
     ("control", str, CONTROLS, "Condition the ControlNet learns to obey."),
     ("data", str, None, "Folder of training images with captions (a .txt beside each image, or a diffusers "
                         "imagefolder metadata.jsonl with file_name/text). Defaults to the procedural demo set "
@@ -56,6 +56,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("fidelity_weight", float, None, "Weight of the fidelity (distribution-matching) term."),
     ("condition_weight", float, None, "Weight of the condition term grad log p(c|x_t)."),
     ("condition_tau", float, None, "Temperature tau of log p(c|x) = -d(h(x), c)/tau."),
+    ("condition_t_max", int, None, "Apply the condition term only at diffusion timesteps t <= this (999: always, "
+                                   "as Eq. 5); near t=999 the consistency model's x0 is a blur."),
     ("reward_weight", float, None, "Weight of the reward term."),
     ("gan_weight", float, None, "Weight of the generator's GAN term (needs a discriminator; 0 = off)."),
     ("consistency_weight", float, None, "Weight of the consistency-LoRA loss (JDM Eq. 8)."),
@@ -121,12 +123,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         values.update(given)
         config = TrainConfig.from_dict(values)
         if config.ckpt == "demo":
-            # The demo teacher was trained on the procedural shapes at their native size.
-            from jdm_train.demo.data import IMAGE_SIZE
+            from jdm_train.demo import TRAIN_DEFAULTS
 
             config.data = "demo" if config.data is None else config.data
-            if "resolution" not in values:
-                config.resolution = IMAGE_SIZE
+            for key, value in TRAIN_DEFAULTS.items():
+                if key not in values:
+                    setattr(config, key, value)
         return config.validate()
     except ValueError as exc:
         parser.error(str(exc))

@@ -54,6 +54,7 @@ class TrainConfig:
     fidelity_weight: float = 1.0
     condition_weight: float = 1.0
     condition_tau: float = 0.1
+    condition_t_max: int = 999
     reward_weight: float = 1.0
     gan_weight: float = 0.0
     consistency_weight: float = 1.0
@@ -110,6 +111,8 @@ class TrainConfig:
             bad("consistency_lora_rank", self.consistency_lora_rank, "an integer >= 1")
         if self.resolution % 64:
             bad("resolution", self.resolution, "a multiple of 64")
+        if not 0 <= self.condition_t_max <= 999:
+            bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
         if not 0 <= self.generator_timestep <= 999:
             bad("generator_timestep", self.generator_timestep, "an integer in [0, 999]")
         if not 0 <= self.t_min < self.t_max <= 999:

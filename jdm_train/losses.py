@@ -236,6 +236,7 @@ def generator_direction(
     fidelity_weight: float = 1.0,
     condition_weight: float = 1.0,
     reward_weight: float = 1.0,
+    condition_t_max: int = 999,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The summed JDM direction g on the student output x (B, ...) of one generator step
     (JDM Eq. 5 / 9 / 10 with f-distill weighting; ALGORITHM steps 2-8). Detached.
@@ -248,6 +249,9 @@ def generator_direction(
     with `guidance_cond`/`guidance_uncond` at `cfg_scale` (skipped at scale 1); reward (Eq. 9)
     through the consistency model. `fake_denoise=None` drops fidelity (pure condition/reward).
     `fidelity_weight`, `condition_weight`, `reward_weight` multiply the terms; 1 keeps Eq. 5's scale.
+    `condition_t_max` (ours): the condition term only for samples with t <= it (999: always, Eq. 5);
+    near t = 999 the consistency model's one-step x0 is a blur whose edge gradient, amplified by
+    1 / alpha_t, is mostly noise.
     """
     if divergence != "rkl" and discriminator is None and fake_denoise is not None:
         raise ValueError(f"divergence={divergence!r} needs a discriminator for the density ratio; use 'rkl' or pass discriminator")
@@ -274,7 +278,8 @@ def generator_direction(
         logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
     if log_likelihood is not None and condition_weight != 0.0:
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
-        score = score + condition_weight * g_c
+        keep = _per_sample((t <= condition_t_max).to(g_c.dtype), g_c)
+        score = score + condition_weight * keep * g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
         g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule)

@@ -311,7 +311,8 @@ class Trainer:
         t = losses.sample_timesteps(n, cfg.t_min, cfg.t_max, self.device, self.rng("t", micro))
         eps = self.randn(x.shape, "eps", micro)
         terms = dict(divergence=cfg.divergence, fidelity_weight=cfg.fidelity_weight,
-                     condition_weight=cfg.condition_weight, reward_weight=cfg.reward_weight)
+                     condition_weight=cfg.condition_weight, reward_weight=cfg.reward_weight,
+                     condition_t_max=cfg.condition_t_max)
         if cfg.objective == "jdm":
             control = batch["control"]
             terms.update(consistency_denoise=roles.consistency, decode=self.decode,

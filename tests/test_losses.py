@@ -227,6 +227,21 @@ def test_terms_add_up_in_score_space_with_one_scale():
     torch.testing.assert_close(g_dmd, g * sigma**2 / (alpha**2 * norm))
 
 
+def test_condition_t_max_drops_the_condition_term_of_later_samples_only():
+    x, eps, t = _batch(11)
+    t = torch.tensor([100, 500, 600, 601, 900, 980])
+    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
+    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
+    kw = dict(consistency_denoise=lambda v, tt, c: 0.9 * v, log_likelihood=lambda img: -(img - 1.0).pow(2).flatten(1).sum(1),
+              weighting="none")
+    full, _ = losses.generator_direction(x, t, eps, S, real, fake, **kw)
+    fidelity, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="none")
+    cut, _ = losses.generator_direction(x, t, eps, S, real, fake, condition_t_max=600, **kw)
+    torch.testing.assert_close(cut[:3], full[:3])
+    torch.testing.assert_close(cut[3:], fidelity[3:])
+    assert not torch.allclose(full[3:], fidelity[3:])
+
+
 def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():
     x, eps, t = _batch(9)
     x_t = S.add_noise(x, eps, t)

@@ -78,3 +78,17 @@ def test_every_flag_has_help_and_every_field_a_flag():
 
 def test_demo_defaults_data():
     assert parse_args(["--ckpt", "demo"]).data == "demo"
+
+
+def test_demo_training_defaults_yield_to_flags_and_config(tmp_path):
+    from jdm_train.demo import TRAIN_DEFAULTS
+    from jdm_train.demo.data import IMAGE_SIZE
+
+    config = parse_args(["--ckpt", "demo"])
+    assert TRAIN_DEFAULTS["resolution"] == IMAGE_SIZE
+    assert all(getattr(config, k) == v for k, v in TRAIN_DEFAULTS.items())
+    assert parse_args(["--ckpt", "demo", "--cfg-scale", "1"]).cfg_scale == 1.0
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text("lr_controlnet = 2e-4\n")
+    assert parse_args(["--ckpt", "demo", "--config", str(cfg_file)]).lr_controlnet == 2e-4
+    assert parse_args(["--ckpt", "other.safetensors"]).cfg_scale == TrainConfig().cfg_scale

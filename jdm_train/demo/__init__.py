@@ -15,6 +15,16 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_PATH = ASSETS / "demo_teacher.safetensors"
 FEATURES_PATH = ASSETS / "demo_features.safetensors"
 
+#: Trainer defaults with `--ckpt demo` (flags and --config keys given still win). SD1.5's defaults
+#: suit a 860M-parameter UNet over thousands of steps; the 7M demo teacher, a 1000-step CPU budget
+#: and the CFG-4 reference of its FID want these (measured with `python -m jdm_train.bench control`).
+TRAIN_DEFAULTS = {
+    "resolution": 64,  # the procedural shapes' native size
+    "cfg_scale": 4.0,  # the teacher's samples only follow captions with guidance (FID 618 vs 815 without, 600 steps)
+    "lr_controlnet": 1e-3,  # a fresh ControlNet needs it to pick up the hint within the budget
+    "lr_fake": 1e-4,  # the fake score must track the student (two time-scale rule, as DMD2)
+}
+
 
 def teacher_path() -> Path:
     """The shipped demo teacher (single-file SD1.x layout), what `--ckpt demo` resolves to."""

@@ -42,7 +42,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                               "a multiple of 64)."),
     ("seed", int, None, "Seed of every random draw (data order, noise, timesteps)."),
     ("objective", str, OBJECTIVES, "jdm: the JDM objective (Eq. 5); dsm: the DSM-ControlNet baseline; "
-                                   "vsd: the implicit-VSD baseline (fidelity only, no condition term)."),
+                                   "vsd: the implicit-VSD baseline (fidelity only, no condition term); controlnet: an ordinary "
+                                   "multi-step ControlNet on the frozen teacher (denoising loss at random t)."),
     ("divergence", str, DIVERGENCES, "f-divergence weighting of the fidelity term (f-distill); rkl is plain JDM."),
     ("phase", str, PHASES, "joint: train student UNet + ControlNet; extend: freeze --student, train a new "
                            "ControlNet (JDM Sec. 3.2.1)."),

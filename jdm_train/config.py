@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONTROLS = ("canny", "hed", "depth", "lowres")
-OBJECTIVES = ("jdm", "dsm", "vsd")
+OBJECTIVES = ("jdm", "dsm", "vsd", "controlnet")
 DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 PHASES = ("joint", "extend")
 MIXED_PRECISION = ("no", "fp16", "bf16")

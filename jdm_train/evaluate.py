@@ -202,17 +202,19 @@ class Teacher:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((n, self.pipe.unet.config.in_channels, s, s), generator=gen)
 
-    def multistep(self, steps: int, cfg: float, negative: str = "") -> Generator:
-        """The teacher's uncontrolled DDIM sampler with CFG (the reference of FID); NFE = `steps`."""
+    def multistep(self, steps: int, cfg: float, negative: str = "", controlnet=None) -> Generator:
+        """The teacher's DDIM sampler with CFG; NFE = `steps`. Without `controlnet` it ignores the
+        control (the reference of FID); with one, the ControlNet sees the control in both CFG branches."""
         from jdm_train.denoisers import Cond, UNetDenoiser
         from jdm_train.sampling import ddim_reference
 
-        denoise = UNetDenoiser(self.pipe.unet, self.schedule)
+        denoise = UNetDenoiser(self.pipe.unet, self.schedule, controlnet=controlnet)
 
         @torch.no_grad()
         def generate(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
-            cond = Cond(self.encode_text(captions))
-            uncond = Cond(self.encode_text([negative] * len(captions)))
+            control = control if controlnet is not None else None
+            cond = Cond(self.encode_text(captions), control)
+            uncond = Cond(self.encode_text([negative] * len(captions)), control)
             return self.decode(ddim_reference(denoise, noise, cond, uncond, steps, cfg, self.schedule))
 
         return generate

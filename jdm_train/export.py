@@ -46,17 +46,18 @@ def write_exports(config: TrainConfig, roles: Roles, base_name: str, output_dir:
     student LoRA, the LoRA (LoraLoaderModelOnly) with `jdm.*` metadata; returns {kind: path}.
 
     `base_name` is the teacher checkpoint's file name (`jdm.base`); the `extend` phase trains
-    only a ControlNet, so it exports only that."""
+    only a ControlNet, so it exports only that, as does `--objective controlnet` (its UNet is the teacher)."""
     paths = export_paths(config, output_dir)
     meta = {"jdm.control": config.control, "jdm.timestep": str(config.generator_timestep),
             "jdm.base": base_name, "jdm.config": config.to_dict()}
     written: dict[str, Path] = {}
-    if config.phase == "joint":
+    trains_student = config.phase == "joint" and config.objective != "controlnet"
+    if trains_student:
         written["student"] = model_io.save_unet_ldm(paths["student"], merged_student_unet(roles),
                                                     {**meta, "jdm.kind": "student"})
     written["controlnet"] = model_io.save_controlnet_ldm(paths["controlnet"], roles.controlnet,
                                                          {**meta, "jdm.kind": "controlnet"})
-    if config.phase == "joint" and config.student_lora_rank > 0:
+    if trains_student and config.student_lora_rank > 0:
         state, alpha = student_lora_state(roles)
         written["lora"] = model_io.save_state_dict(paths["lora"], lora_to_comfyui(state, alpha),
                                                    model_io.export_metadata("student_lora", meta))

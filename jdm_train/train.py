@@ -140,7 +140,9 @@ class Trainer:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         frozen_student = None
-        if config.phase == "extend":
+        if config.objective == "controlnet":
+            frozen_student = pipe.unet  # the teacher itself: only the ControlNet learns
+        elif config.phase == "extend":
             frozen_student = model_io.load_unet(model_io.resolve_model(config.student, "unet", config.comfyui_root),
                                                 allow_pickle=config.allow_pickle)
         # One seed for every randomly initialised weight, identical on every process.
@@ -202,7 +204,7 @@ class Trainer:
         cfg, g = self.config, self.roles.groups
         opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student), (g["controlnet"], cfg.lr_controlnet)],
                                          beta1={1: cfg.adam_beta1_controlnet})}
-        if cfg.objective != "dsm":
+        if cfg.objective not in ("dsm", "controlnet"):
             opts["fake"] = self._adamw([(g["fake"], cfg.lr_fake), (g["consistency"], cfg.lr_consistency)])
         if "discriminator" in g:
             opts["discriminator"] = self._adamw([(g["discriminator"], cfg.lr_discriminator)])
@@ -299,6 +301,13 @@ class Trainer:
         cond: Cond = batch["cond"]
         n = batch["images"].shape[0]
         z = self.randn(self.latent_shape(n), "z", micro)
+        if cfg.objective == "controlnet":
+            eps = self.randn(z.shape, "eps", micro)
+            t = losses.sample_timesteps(n, 0, 999, self.device, self.rng("t", micro))
+            with self.accelerator.autocast():
+                loss, logs = losses.fake_score_loss(roles.student, self.encode_images(batch["images"]), eps, t,
+                                                    self.schedule, cond)
+            return loss, {"controlnet_loss": logs["fake_score_loss"]}, None
         if cfg.objective == "dsm":
             eps = self.randn(z.shape, "eps", micro)
             x_data = self.encode_images(batch["images"])
@@ -518,7 +527,8 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in
-                                 ("generator_loss", "fake_score_loss", "consistency_loss", "disc_loss", "dsm_loss")})
+                                 ("generator_loss", "fake_score_loss", "consistency_loss", "disc_loss", "dsm_loss",
+                                  "controlnet_loss")})
                 if cfg.report_to and self.step % cfg.log_every == 0:
                     acc.log(logs, step=self.step)
                 if cfg.preview_every and self.step % cfg.preview_every == 0:

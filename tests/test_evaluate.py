@@ -161,3 +161,25 @@ def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-4].startswith("| step | s | L1 own | F1 own | L1 blank")
     assert table[-2].startswith("| 0 |") and table[-1].startswith("| 1 |")
+
+
+def test_multistep_with_a_controlnet_sees_the_control(tmp_path):
+    """A fresh ControlNet (zero convolutions) leaves the teacher's DDIM samples unchanged; a trained
+    one changes them, and differently for different controls."""
+    from jdm_train import fixtures, model_io
+    from jdm_train.denoisers import new_controlnet
+
+    pipe = model_io.load_sd1_checkpoint(fixtures.write_tiny_sd1_checkpoint(tmp_path / "tiny.safetensors"))
+    teacher = evaluate.Teacher(pipe)
+    torch.manual_seed(0)
+    cn = new_controlnet(pipe.unet, teacher.vae_scale_factor)
+    control = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    noise, captions = teacher.noise(2, 64, 0), ["a red circle", "a blue square"]
+    plain = teacher.multistep(3, 2.0)(captions, control, noise)
+    assert torch.allclose(teacher.multistep(3, 2.0, controlnet=cn)(captions, control, noise), plain, atol=1e-6)
+    with torch.no_grad():
+        for p in cn.controlnet_down_blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = teacher.multistep(3, 2.0, controlnet=cn)(captions, control, noise)
+    b = teacher.multistep(3, 2.0, controlnet=cn)(captions, control.flip(0), noise)
+    assert (a - plain).abs().max() > 1e-3 and (a - b).abs().max() > 1e-3

@@ -310,3 +310,19 @@ def test_controlnet_has_its_own_adam_beta1(world, tmp_path):
     assert by_ids[controlnet_ids] == (0.8, 0.999) and by_ids[student_ids] == (0.0, 0.999)
     with pytest.raises(SystemExit):
         cli.parse_args(_argv(world, tmp_path, "--adam-beta1-controlnet", "1.0"))
+
+
+def test_controlnet_objective_trains_a_controlnet_on_the_frozen_teacher(world):
+    """`--objective controlnet` (the paper's 'teacher + ControlNet' baseline): the ordinary denoising
+    loss at random t; only the ControlNet moves, the UNet stays the teacher and is not exported."""
+    out = world["base"] / "teacher_controlnet"
+    status = cli.main(_argv(world, out, "--objective", "controlnet", "--control", "canny", "--max-steps", "2",
+                            "--lr-controlnet", "1e-3"))
+    assert status == 0
+    assert not (out / "jdm.safetensors").exists()
+    _check_export(out / "jdm_canny.safetensors", "controlnet", "canny")
+    trained = load_file(out / "checkpoint-2" / "trainable.safetensors")
+    assert any(k.startswith("controlnet.") for k in trained) and not any(k.startswith("student.") for k in trained)
+    fresh = load_file(out / "jdm_canny.safetensors")
+    zero_convs = [k for k in fresh if k.startswith("control_model.zero_convs") and k.endswith(".weight")]
+    assert zero_convs and any(fresh[k].abs().max() > 0 for k in zero_convs), "the zero convolutions learnt"

@@ -12,10 +12,12 @@ feature network), consistency `||h(x) - c||_1`, NFE and time per image. Rows:
 - JDM (`--objective jdm --divergence rkl`);
 - JDM with Jensen-Shannon weighting (`--divergence js`, f-distill);
 - the JDM student with its control image blanked, and given another held-out image's control
-  (scored against each image's own condition: does the student draw what it is given?).
+  (scored against each image's own condition: does the student draw what it is given?);
+- teacher + ControlNet trained by the ordinary denoising loss on the frozen teacher
+  (`--objective controlnet`), sampled with the teacher's multi-step DDIM;
+- DI + ControlNet: the implicit-VSD run's one-step UNet (distilled with no control signal)
+  given that ControlNet (scored when both rows are run).
 
-Not here: "teacher + ControlNet trained by denoising" and "DI + ControlNet", which need a
-ControlNet trained by the ordinary denoising loss on the teacher (not a trainer objective).
 Writes `table.md`, `results.json` and one sample grid per row into `--out`.
 """
 
@@ -29,7 +31,10 @@ from pathlib import Path
 
 import torch
 
+TEACHER_CONTROLNET = "teacher + ControlNet trained by denoising"
+DI_CONTROLNET = "DI + ControlNet"
 ROWS = {
+    TEACHER_CONTROLNET: ["--objective", "controlnet"],  # sampled multi-step, like the teacher
     "DSM one-step ControlNet": ["--objective", "dsm"],
     "implicit VSD": ["--objective", "vsd"],
     "JDM (reverse KL)": ["--objective", "jdm", "--divergence", "rkl"],
@@ -100,12 +105,27 @@ def main(argv=None) -> int:
     name = f"teacher, {args.teacher_steps}-step DDIM, no control"
     rows[name] = evaluate.score(ref, eval_set, ref_features, feature_net, args.teacher_steps, sec)
     save_row_grid(args.out / "grid_teacher.png", eval_set.control, ref)
+    trained = {}
     for name in names:
         student, controlnet, train_seconds = train_row(name, ROWS[name], args)
-        gen = teacher.one_step(model_io.load_unet(student), model_io.load_controlnet(controlnet))
+        trained[name] = (student, controlnet)
+        if name == TEACHER_CONTROLNET:
+            gen = teacher.multistep(args.teacher_steps, args.cfg, controlnet=model_io.load_controlnet(controlnet))
+            nfe = args.teacher_steps
+        else:
+            gen = teacher.one_step(model_io.load_unet(student), model_io.load_controlnet(controlnet))
+            nfe = 1
         imgs, sec = evaluate.run_generator(gen, eval_set, noise)
-        rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec), "train_seconds": train_seconds}
+        rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, nfe, sec), "train_seconds": train_seconds}
         save_row_grid(args.out / f"grid_{_slug(name)}.png", eval_set.control, imgs)
+        if TEACHER_CONTROLNET in trained and "implicit VSD" in trained and DI_CONTROLNET not in rows:
+            # DI: a one-step student distilled without a control signal (the implicit-VSD run's UNet),
+            # given the ControlNet trained by denoising on the teacher.
+            gen = teacher.one_step(model_io.load_unet(trained["implicit VSD"][0]),
+                                   model_io.load_controlnet(trained[TEACHER_CONTROLNET][1]))
+            imgs, sec = evaluate.run_generator(gen, eval_set, noise)
+            rows[DI_CONTROLNET] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
+            save_row_grid(args.out / f"grid_{_slug(DI_CONTROLNET)}.png", eval_set.control, imgs)
         if name == "JDM (reverse KL)":
             for mode, label in (("blank", "control blanked"), ("shuffled", "another image's control")):
                 imgs, sec = evaluate.run_generator(gen, eval_set, noise, control_mode=mode)

@@ -128,6 +128,11 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta1_controlnet", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, getattr(self, name), "a number in [0, 1)")
+        if self.divergence != "rkl" and self.batch_size < 2:
+            # The f-divergence weights are normalised by their micro-batch mean (ALGORITHM step 4):
+            # with one sample they are all 1, which is reverse KL whatever --divergence says.
+            bad("batch_size", self.batch_size, f"at least 2 with --divergence {self.divergence} (with one sample "
+                "the batch-normalised f-divergence weight is always 1, i.e. reverse KL)")
         if self.cfg_scale < 1.0:
             bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -17,11 +17,11 @@ def test_defaults_and_flags():
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_config_file_merges_and_flags_win(tmp_path, suffix):
     path = tmp_path / f"run{suffix}"
-    values = {"ckpt": "a.safetensors", "max-steps": 50, "lr_fake": 1, "divergence": "js"}
+    values = {"ckpt": "a.safetensors", "max-steps": 50, "lr_fake": 1, "divergence": "js", "batch_size": 2}
     if suffix == ".json":
         path.write_text(json.dumps(values))
     else:
-        path.write_text('ckpt = "a.safetensors"\n"max-steps" = 50\nlr_fake = 1\ndivergence = "js"\n')
+        path.write_text('ckpt = "a.safetensors"\n"max-steps" = 50\nlr_fake = 1\ndivergence = "js"\nbatch_size = 2\n')
     cfg = parse_args(["--config", str(path), "--max-steps", "3"])
     assert cfg.ckpt == "a.safetensors" and cfg.divergence == "js"
     assert cfg.max_steps == 3  # the flag wins over the file
@@ -40,6 +40,7 @@ def test_config_round_trips_through_json():
         (["--ckpt", "x", "--resolution", "500"], "--resolution"),
         (["--ckpt", "x", "--control", "sketch"], "--control"),
         (["--ckpt", "x", "--divergence", "kl"], "--divergence"),
+        (["--ckpt", "x", "--divergence", "js"], "--batch-size"),
         (["--ckpt", "x", "--phase", "extend"], "--student"),
         (["--ckpt", "x", "--reward", "no_colon"], "--reward"),
         (["--ckpt", "x", "--t-min", "900", "--t-max", "100"], "--t-min"),

@@ -67,7 +67,7 @@ def canny_run(world):
 @pytest.fixture(scope="module")
 def lowres_lora_run(world):
     out = world["base"] / "lowres"
-    status = cli.main(_argv(world, out, "--control", "lowres", "--divergence", "js", "--max-steps", "2",
+    status = cli.main(_argv(world, out, "--control", "lowres", "--divergence", "js", "--batch-size", "2", "--max-steps", "2",
                             "--student-lora-rank", "4", "--fake-lora-rank", "4", "--lr-student", "3e-2",
                             "--cfg-scale", "1.5", "--cfg-teacher", str(world["ckpt"])))
     return status, out
@@ -214,7 +214,7 @@ def test_two_processes_end_with_identical_replicas(world, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "jdm_train", *_argv(world, out, "--max-steps", "2", "--divergence", "js")]
+           "-m", "jdm_train", *_argv(world, out, "--max-steps", "2", "--divergence", "js", "--batch-size", "2")]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())

@@ -38,6 +38,7 @@ ROWS = {
     "DSM one-step ControlNet": ["--objective", "dsm"],
     "implicit VSD": ["--objective", "vsd"],
     "JDM (reverse KL)": ["--objective", "jdm", "--divergence", "rkl"],
+    # batch-normalised f-weights need two samples per micro-batch (TrainConfig.validate)
     "JDM (Jensen-Shannon)": ["--objective", "jdm", "--divergence", "js"],
 }
 
@@ -66,8 +67,9 @@ def train_row(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Pa
     from jdm_train import cli
 
     run_dir = args.out / "runs" / _slug(name)
+    batch = max(args.batch_size, 2) if "--divergence" in flags and "rkl" not in flags else args.batch_size
     argv = ["--ckpt", "demo", "--control", args.control, "--resolution", "64", "--max-steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--output-dir", str(run_dir),
+            "--batch-size", str(batch), "--seed", str(args.seed), "--output-dir", str(run_dir),
             "--output", "student", *flags, *args.train_arg]
     t0 = time.perf_counter()
     rc = cli.main(argv)

@@ -276,10 +276,11 @@ def generator_direction(
             fid = _per_sample(h, fid) * fid
         score = score + fidelity_weight * fid
         logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
-    if log_likelihood is not None and condition_weight != 0.0:
+    keep = t <= condition_t_max
+    if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
+        # A batch with every t above condition_t_max skips the consistency/decoder pass entirely.
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
-        keep = _per_sample((t <= condition_t_max).to(g_c.dtype), g_c)
-        score = score + condition_weight * keep * g_c
+        score = score + condition_weight * _per_sample(keep.to(g_c.dtype), g_c) * g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
         g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule)

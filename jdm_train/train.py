@@ -193,21 +193,21 @@ class Trainer:
                                               self.device, self.weight_dtype)
         self.reward_fn = load_reward(config.reward) if config.reward else None
 
-    def _adamw(self, groups: list[tuple[list, float]], beta1: dict[int, float] | None = None):
-        """AdamW over `(params, lr)` groups; `beta1` overrides `--adam-beta1` for the group at that index."""
+    def _adamw(self, groups: list[tuple[list, float, float]]):
+        """AdamW over `(params, lr, beta1)` groups (empty groups dropped)."""
         cfg = self.config
-        params = [{"params": ps, "lr": lr, "betas": ((beta1 or {}).get(i, cfg.adam_beta1), cfg.adam_beta2)}
-                  for i, (ps, lr) in enumerate(groups) if ps]
+        params = [{"params": ps, "lr": lr, "betas": (beta1, cfg.adam_beta2)} for ps, lr, beta1 in groups if ps]
         return torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
 
     def _build_optimizers(self) -> dict:
         cfg, g = self.config, self.roles.groups
-        opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student), (g["controlnet"], cfg.lr_controlnet)],
-                                         beta1={1: cfg.adam_beta1_controlnet})}
+        b1 = cfg.adam_beta1
+        opts = {"generator": self._adamw([(g.get("student", []), cfg.lr_student, b1),
+                                          (g["controlnet"], cfg.lr_controlnet, cfg.adam_beta1_controlnet)])}
         if cfg.objective not in ("dsm", "controlnet"):
-            opts["fake"] = self._adamw([(g["fake"], cfg.lr_fake), (g["consistency"], cfg.lr_consistency)])
+            opts["fake"] = self._adamw([(g["fake"], cfg.lr_fake, b1), (g["consistency"], cfg.lr_consistency, b1)])
         if "discriminator" in g:
-            opts["discriminator"] = self._adamw([(g["discriminator"], cfg.lr_discriminator)])
+            opts["discriminator"] = self._adamw([(g["discriminator"], cfg.lr_discriminator, b1)])
         names = list(opts)
         prepared = self.accelerator.prepare(*opts.values())
         prepared = prepared if isinstance(prepared, (tuple, list)) else [prepared]

@@ -43,17 +43,20 @@ class ControlProbe:
     """Scores a trainer's student on held-out demo conditions: own, blank and shuffled control."""
 
     def __init__(self, trainer, n: int):
-        from jdm_train import evaluate, model_io
-        from jdm_train.demo import teacher_path
+        from jdm_train import evaluate
+        from jdm_train.denoisers import Cond
+        from jdm_train.sampling import ddim_reference
 
         self.trainer, self.extractor = trainer, trainer.extractor
         self.eval_set = evaluate.demo_eval_set(n, trainer.config.control)
         self.noise = torch.randn((n,) + trainer.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
         self.text = trainer.encode_text(self.eval_set.captions)
         self.features = evaluate.DemoFeatures()
-        teacher = evaluate.Teacher(model_io.load_sd1_checkpoint(teacher_path()))
-        reference, _ = evaluate.run_generator(teacher.multistep(25, 4.0), self.eval_set, self.noise)
-        self.reference = self.features.features(reference)
+        # The trainer's own (frozen) teacher, as `evaluate` samples it: 25 DDIM steps, CFG 4, empty negative.
+        with torch.no_grad():
+            latents = ddim_reference(trainer.roles.teacher, self.noise.to(trainer.device), Cond(self.text),
+                                     Cond(trainer.encode_text([""] * n)), 25, 4.0, trainer.schedule)
+        self.reference = self.features.features(trainer.decode(latents).cpu())
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ import sys
 
 from jdm_train.config import (
     COND_DECODERS,
+    CONDITION_WEIGHTINGS,
     CONTROLS,
     DIVERGENCES,
     MIXED_PRECISION,
@@ -59,6 +60,11 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("condition_tau", float, None, "Temperature tau of log p(c|x) = -d(h(x), c)/tau."),
     ("condition_t_max", int, None, "Apply the condition term only at diffusion timesteps t <= this (999: always, "
                                    "as Eq. 5); near t=999 the consistency model's x0 is a blur."),
+    ("condition_weighting", str, CONDITION_WEIGHTINGS, "Timestep weighting of the condition term: eq5 shares "
+                            "the fidelity term's lambda_t (Eq. 5); snr multiplies it by alpha_t^2/sigma_t^2, "
+                            "a gradient on the consistency model's x0 at the same scale at every t."),
+    ("control_dropout", float, None, "Share of training samples whose control is blanked (no condition term, "
+                                     "fidelity only), so that a blank control gives the teacher's distribution."),
     ("reward_weight", float, None, "Weight of the reward term."),
     ("gan_weight", float, None, "Weight of the generator's GAN term (needs a discriminator; 0 = off)."),
     ("consistency_weight", float, None, "Weight of the consistency-LoRA loss (JDM Eq. 8)."),

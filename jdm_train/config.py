@@ -19,6 +19,7 @@ DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 PHASES = ("joint", "extend")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COND_DECODERS = ("vae", "taesd")
+CONDITION_WEIGHTINGS = ("eq5", "snr")  # as losses.CONDITION_WEIGHTINGS
 
 
 @dataclass
@@ -55,6 +56,8 @@ class TrainConfig:
     condition_weight: float = 1.0
     condition_tau: float = 0.1
     condition_t_max: int = 999
+    condition_weighting: str = "eq5"
+    control_dropout: float = 0.0
     reward_weight: float = 1.0
     gan_weight: float = 0.0
     consistency_weight: float = 1.0
@@ -95,7 +98,8 @@ class TrainConfig:
             raise ValueError(f"--{flag.replace('_', '-')}: got {value!r}, expected {expected}")
 
         for name, choices in (("control", CONTROLS), ("objective", OBJECTIVES), ("divergence", DIVERGENCES),
-                              ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS)):
+                              ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS),
+                              ("condition_weighting", CONDITION_WEIGHTINGS)):
             if getattr(self, name) not in choices:
                 bad(name, getattr(self, name), "one of " + ", ".join(choices))
         if not self.ckpt:
@@ -113,6 +117,8 @@ class TrainConfig:
             bad("resolution", self.resolution, "a multiple of 64")
         if not 0 <= self.condition_t_max <= 999:
             bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
+        if not 0 <= self.control_dropout < 1:
+            bad("control_dropout", self.control_dropout, "a number in [0, 1)")
         if not 0 <= self.generator_timestep <= 999:
             bad("generator_timestep", self.generator_timestep, "an integer in [0, 999]")
         if not 0 <= self.t_min < self.t_max <= 999:

@@ -32,6 +32,7 @@ LogLikelihood = Callable[[Tensor], Tensor]
 
 DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 WEIGHTINGS = ("dmd", "sigma2", "none")
+CONDITION_WEIGHTINGS = ("eq5", "snr")
 DEFAULT_T_MIN, DEFAULT_T_MAX = 20, 980
 
 
@@ -237,6 +238,8 @@ def generator_direction(
     condition_weight: float = 1.0,
     reward_weight: float = 1.0,
     condition_t_max: int = 999,
+    condition_weighting: str = "eq5",
+    condition_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The summed JDM direction g on the student output x (B, ...) of one generator step
     (JDM Eq. 5 / 9 / 10 with f-distill weighting; ALGORITHM steps 2-8). Detached.
@@ -252,7 +255,16 @@ def generator_direction(
     `condition_t_max` (ours): the condition term only for samples with t <= it (999: always, Eq. 5);
     near t = 999 the consistency model's one-step x0 is a blur whose edge gradient, amplified by
     1 / alpha_t, is mostly noise.
+    `condition_weighting` (ours): "eq5" gives the condition term the fidelity term's lambda_t, as
+    Eq. 5; "snr" multiplies it by SNR(t) = alpha_t^2 / sigma_t^2, which makes its direction on x the
+    gradient with respect to the consistency model's x0 (d x0 / d x_t ~ 1 / alpha_t) at the same
+    scale at every t. Under "eq5" with DMD's weighting the term grows as 1 / alpha_t^2 towards t = 999,
+    where x0 is a blur, and all but vanishes at small t, where x0 is sharp.
+    `condition_mask` (B,) bool: False for samples whose control was dropped (`--control-dropout`,
+    ours), which then get no condition term, only fidelity.
     """
+    if condition_weighting not in CONDITION_WEIGHTINGS:
+        raise ValueError(f"condition_weighting must be one of {CONDITION_WEIGHTINGS}, got {condition_weighting!r}")
     if divergence != "rkl" and discriminator is None and fake_denoise is not None:
         raise ValueError(f"divergence={divergence!r} needs a discriminator for the density ratio; use 'rkl' or pass discriminator")
     if (log_likelihood is not None or reward is not None) and consistency_denoise is None:
@@ -277,10 +289,16 @@ def generator_direction(
         score = score + fidelity_weight * fid
         logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
     keep = t <= condition_t_max
+    if condition_mask is not None:
+        keep = keep & condition_mask.to(keep.device, torch.bool)
     if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
         # A batch with every t above condition_t_max skips the consistency/decoder pass entirely.
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
-        score = score + condition_weight * _per_sample(keep.to(g_c.dtype), g_c) * g_c
+        w_c = condition_weight * keep.to(g_c.dtype)
+        if condition_weighting == "snr":
+            alpha, sigma = schedule.alpha_sigma(t, g_c)
+            w_c = w_c * (alpha / sigma).pow(2).flatten()
+        score = score + _per_sample(w_c, g_c) * g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
         g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule)

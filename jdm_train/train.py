@@ -36,7 +36,8 @@ from jdm_train.schedule import NoiseSchedule
 
 log = logging.getLogger("jdm_train")
 _PURPOSES = {"z": 1, "t": 2, "eps": 3, "fake_z": 4, "fake_t": 5, "fake_eps": 6, "cons_t": 7, "cons_eps": 8,
-             "disc_t": 9, "disc_eps": 10, "preview": 11}
+             "disc_t": 9, "disc_eps": 10, "preview": 11,
+             "control_dropout": 12}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -260,8 +261,17 @@ class Trainer:
         captions = [it["caption"] for it in items]
         with torch.no_grad():
             control = self.extractor.extract(images)
-        cond = Cond(self.encode_text(captions), control)
-        return {"images": images, "captions": captions, "control": control, "cond": cond, "micro": micro}
+        batch = {"images": images, "captions": captions, "control": control, "micro": micro}
+        hint = control
+        if self.config.control_dropout > 0:
+            # Dropped samples see a blank hint and get no condition term: the student learns the
+            # teacher's distribution for a blank control instead of extrapolating to it.
+            kept = torch.rand(len(items), generator=self.rng("control_dropout", micro), device=self.device) \
+                >= self.config.control_dropout
+            hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
+            batch["condition_mask"] = kept
+        batch["cond"] = Cond(self.encode_text(captions), hint)
+        return batch
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         size = self.config.resolution // self.vae_scale_factor
@@ -321,7 +331,8 @@ class Trainer:
         eps = self.randn(x.shape, "eps", micro)
         terms = dict(divergence=cfg.divergence, fidelity_weight=cfg.fidelity_weight,
                      condition_weight=cfg.condition_weight, reward_weight=cfg.reward_weight,
-                     condition_t_max=cfg.condition_t_max)
+                     condition_t_max=cfg.condition_t_max, condition_weighting=cfg.condition_weighting,
+                     condition_mask=batch.get("condition_mask"))
         if cfg.objective == "jdm":
             control = batch["control"]
             terms.update(consistency_denoise=roles.consistency, decode=self.decode,

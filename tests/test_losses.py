@@ -240,6 +240,31 @@ def test_condition_t_max_drops_the_condition_term_of_later_samples_only():
     torch.testing.assert_close(cut[:3], full[:3])
     torch.testing.assert_close(cut[3:], fidelity[3:])
     assert not torch.allclose(full[3:], fidelity[3:])
+    # a dropped control (condition_mask False) removes the term the same way, whatever t
+    kept = torch.tensor([True, False, True, False, True, True])
+    masked, _ = losses.generator_direction(x, t, eps, S, real, fake, condition_mask=kept, **kw)
+    torch.testing.assert_close(masked[kept], full[kept])
+    torch.testing.assert_close(masked[~kept], fidelity[~kept])
+
+
+def test_snr_condition_weighting_is_the_x0_gradient_at_every_t():
+    # f(x_t) = x_t / alpha_t (a consistency model predicting eps = 0) and log p = -|f - 1|^2 / 2:
+    # grad_{x_t} = -(f - 1) / alpha_t. With lambda_t = sigma^2 / alpha^2 ("sigma2") Eq. 5 gives the
+    # direction -(f - 1) sigma^2 / alpha^2 on x; the SNR weighting removes the 1 / SNR factor, leaving
+    # the x0 gradient -(f - 1) at every t.
+    x, eps, t = _batch(12)
+    t = torch.tensor([20, 100, 400, 700, 900, 980])
+    alpha, sigma = S.alpha_sigma(t, x)
+    x0 = S.add_noise(x, eps, t) / alpha
+    kw = dict(consistency_denoise=lambda v, tt, c: v / S.alpha_sigma(tt, v)[0],
+              log_likelihood=lambda img: -0.5 * (img - 1.0).pow(2).flatten(1).sum(1), weighting="sigma2")
+    snr, _ = losses.generator_direction(x, t, eps, S, real_denoise=lambda v, tt, c: v, fake_denoise=None,
+                                        condition_weighting="snr", **kw)
+    eq5, _ = losses.generator_direction(x, t, eps, S, real_denoise=lambda v, tt, c: v, fake_denoise=None, **kw)
+    torch.testing.assert_close(snr, -(x0 - 1.0))
+    torch.testing.assert_close(eq5, -(x0 - 1.0) * sigma**2 / alpha**2)
+    with pytest.raises(ValueError, match="condition_weighting"):
+        losses.generator_direction(x, t, eps, S, lambda v, tt, c: v, None, condition_weighting="x0", **kw)
 
 
 def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():

@@ -312,6 +312,25 @@ def test_controlnet_has_its_own_adam_beta1(world, tmp_path):
         cli.parse_args(_argv(world, tmp_path, "--adam-beta1-controlnet", "1.0"))
 
 
+def test_control_dropout_blanks_the_hint_and_the_condition_term_of_some_samples(world, tmp_path):
+    from jdm_train.train import Trainer
+
+    trainer = Trainer(cli.parse_args(_argv(world, tmp_path, "--control-dropout", "0.5", "--batch-size", "4",
+                                           "--max-steps", "1")))
+    drops = []
+    for step in range(4):
+        trainer.step = step
+        batch = trainer.load_batch(0)
+        kept, hint = batch["condition_mask"], batch["cond"].control
+        assert torch.equal(hint[kept], batch["control"][kept]) and batch["control"].amax((1, 2, 3)).gt(0).all()
+        assert hint[~kept].abs().max() == 0 if (~kept).any() else True
+        assert torch.equal(trainer.load_batch(0)["condition_mask"], kept)  # a pure function of (seed, step)
+        drops.append(int((~kept).sum()))
+    assert 0 < sum(drops) < 16
+    with pytest.raises(SystemExit):
+        cli.parse_args(_argv(world, tmp_path, "--control-dropout", "1"))
+
+
 def test_controlnet_objective_trains_a_controlnet_on_the_frozen_teacher(world):
     """`--objective controlnet` (the paper's 'teacher + ControlNet' baseline): the ordinary denoising
     loss at random t; only the ControlNet moves, the UNet stays the teacher and is not exported."""

@@ -157,10 +157,15 @@ def test_edge_f1_tolerates_one_pixel():
 def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     from jdm_train.bench import control
 
-    assert control.main(["--n", "4", "--every", "1", "--max-steps", "1", "--output-dir", str(tmp_path)]) == 0
+    grid = tmp_path / "grid.png"
+    assert control.main(["--n", "4", "--every", "1", "--max-steps", "1", "--output-dir", str(tmp_path),
+                         "--grid", str(grid)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-4].startswith("| step | s | L1 own | F1 own | L1 blank")
     assert table[-2].startswith("| 0 |") and table[-1].startswith("| 1 |")
+    from PIL import Image
+
+    assert Image.open(grid).size == (4 * 64, 4 * 64)  # control | own | blank | shuffled, 4 samples
 
 
 def test_multistep_with_a_controlnet_sees_the_control(tmp_path):

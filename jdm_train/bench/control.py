@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m jdm_train.bench control", description=__doc__.split("\n")[0])
     p.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     p.add_argument("--n", type=int, default=64, help="held-out conditions scored")
+    p.add_argument("--grid", default=None, help="PNG written at each evaluation: control | own | blank | shuffled, 8 rows")
     return p.parse_known_args(argv)
 
 
@@ -52,6 +54,7 @@ class ControlProbe:
         self.noise = torch.randn((n,) + trainer.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
         self.text = trainer.encode_text(self.eval_set.captions)
         self.features = evaluate.DemoFeatures()
+        self.images: dict[str, Tensor] = {}
         # The trainer's own (frozen) teacher, as `evaluate` samples it: 25 DDIM steps, CFG 4, empty negative.
         with torch.no_grad():
             latents = ddim_reference(trainer.roles.teacher, self.noise.to(trainer.device), Cond(self.text),
@@ -59,6 +62,12 @@ class ControlProbe:
         self.reference = self.features.features(trainer.decode(latents).cpu())
 
     @torch.no_grad()
+    def write_grid(self, path: str, rows: int = 8) -> None:
+        from jdm_train.export import write_preview_grid
+
+        columns = [self.eval_set.control[:rows]] + [self.images[m][:rows] for m in ("own", "blank", "shuffled")]
+        write_preview_grid(Path(path), columns)
+
     def __call__(self) -> dict[str, float]:
         from jdm_train import evaluate
         from jdm_train.denoisers import Cond
@@ -73,6 +82,7 @@ class ControlProbe:
             out[f"L1 {mode}"] = float(self.extractor.consistency(images[mode], c).mean())
             if tr.config.control == "canny":
                 out[f"F1 {mode}"] = edge_f1(self.extractor.extract(images[mode]), c)
+        self.images = images
         out["sensitivity"] = float((images["own"] - images["blank"]).abs().mean())
         out["FID"] = evaluate.fid(self.features.features(images["own"]), self.reference)
         out["bg"] = self.features.agreement(images["own"], self.eval_set.captions)["background"]
@@ -98,6 +108,8 @@ def main(argv=None) -> int:
         if trainer.step % args.every == 0 or trainer.step == trainer.config.max_steps:
             rows.append((trainer.step, time.perf_counter() - t0, probe()))
             print(_format(rows[-1:], header=False), flush=True)
+            if args.grid:
+                probe.write_grid(args.grid)
     print("\n" + _format(rows))
     return 0
 

@@ -153,22 +153,6 @@ def test_soft_canny_tracks_exact_edges():
     assert ext.log_likelihood(img, exact) > ext.log_likelihood(other, exact)
 
 
-@pytest.mark.parametrize("name", ["astronaut", "demo"])
-def test_soft_canny_is_thin_where_exact_canny_is(name):
-    # With soft non-maximum suppression the soft map, thresholded at 0.5, is the exact edge map up
-    # to a few pixels; without it each edge is 2-3 pixels wide.
-    if name == "demo":
-        from jdm_train.demo import data
-
-        img, _ = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + 32))
-    else:
-        img = to_bchw(photo("astronaut")[::2, ::2])
-    exact = get_extractor("canny").extract(img)[:, :1]
-    pixel_f1 = lambda s: float(2 * ((s > 0.5) * exact).sum() / ((s > 0.5).sum() + exact.sum()))  # noqa: E731
-    assert pixel_f1(soft_canny(img)) > 0.9
-    assert pixel_f1(soft_canny(img, nms=False)) < 0.7
-
-
 def test_sobel_equals_kornia():
     import kornia
 
@@ -242,6 +226,8 @@ def test_half_precision_and_call_alias():
         assert torch.equal(half.float(), full) if name == "canny" else torch.allclose(half.float(), full, atol=1e-3)
         soft = ext.soft(img.half())
         assert soft.dtype == torch.float16 and torch.isfinite(soft).all()
+        if name == "canny":  # logits too: 8-bit Sobel squares overflow float16 unless upcast
+            assert torch.isfinite(ext.soft_logits(img.half())).all()
 
 
 def test_empty_batch_and_grey_input():

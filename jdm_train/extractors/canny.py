@@ -169,19 +169,16 @@ def sobel(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def soft_canny(
-    images: torch.Tensor, low: float = 100, high: float = 200, softness: float = 1.0, logits: bool = False,
-    nms: bool = True,
+    images: torch.Tensor, low: float = 100, high: float = 200, softness: float = 1.0, logits: bool = False
 ) -> torch.Tensor:
     """Differentiable edge probability (B, 3, H, W) -> (B, 1, H, W) in (0, 1), or its logits.
 
     A sigmoid of the Sobel L1 magnitude (8-bit units, channel maximum as in
     OpenCV) centred between the thresholds, with `softness` times a quarter of their
-    gap as temperature, so pixels at `low` map to ~0.12 and at `high` to ~0.88.
-    With `nms`, a soft non-maximum suppression: a pixel is also only as much an edge as
-    its magnitude exceeds that of its two neighbours across the edge (OpenCV's four
-    sectors, chosen without gradient), a fuzzy AND (minimum) of the two logits. Without
-    it a step edge is two to three pixels wide while `canny_edges` keeps one, and the
-    condition term then punishes the student for the pixels beside a well-placed edge.
+    gap as temperature, so pixels at `low` map to ~0.12 and at `high` to ~0.88. It has
+    no non-maximum suppression: its edges are a few pixels wide. (A soft NMS made it one
+    pixel wide like the exact map, pixel F1 0.94 vs 0.58, but the demo student then learnt
+    the control far less: edge F1 0.25 vs 0.53 after 1000 steps, `bench control`.)
     """
     lo, hi = min(low, high), max(low, high)
     dtype = images.dtype
@@ -189,27 +186,10 @@ def soft_canny(
     dx, dy = sobel(images.to(torch.promote_types(dtype, torch.float32)) * 255)
     # sqrt(g^2 + 1) - 1 is |g| smoothed below one 8-bit step, so the gradient exists everywhere.
     mag = (dx.square() + 1).sqrt() + (dy.square() + 1).sqrt() - 2
-    mag, channel = mag.max(1, keepdim=True)
+    mag = mag.amax(1, keepdim=True)
     temperature = softness * max(hi - lo, 4.0) / 4
     z = (mag - (lo + hi) / 2) / temperature
-    if nms:
-        z = torch.minimum(z, (mag - _across_edge_max(mag, dx.gather(1, channel), dy.gather(1, channel))) / temperature)
     return (z if logits else torch.sigmoid(z)).to(dtype)
-
-
-def _across_edge_max(mag: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """The larger magnitude of the two neighbours along the gradient direction (B, 1, H, W),
-    in canny.cpp's sectors, with a zero magnitude outside the image as OpenCV's."""
-    mp = F.pad(mag, (1, 1, 1, 1))
-    at = lambda r, c: mp[..., 1 + r : mp.shape[-2] - 1 + r, 1 + c : mp.shape[-1] - 1 + c]  # noqa: E731
-    with torch.no_grad():
-        ax, ay = dx.abs(), dy.abs()
-        horizontal = ay < ax * math.tan(math.pi / 8)
-        vertical = ay > ax * math.tan(3 * math.pi / 8)
-        same_sign = (dx < 0) == (dy < 0)
-    diagonal = torch.where(same_sign, torch.maximum(at(-1, -1), at(1, 1)), torch.maximum(at(-1, 1), at(1, -1)))
-    return torch.where(horizontal, torch.maximum(at(0, -1), at(0, 1)),
-                       torch.where(vertical, torch.maximum(at(-1, 0), at(1, 0)), diagonal))
 
 
 class Canny(Extractor):

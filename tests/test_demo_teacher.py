@@ -69,14 +69,20 @@ def test_vae_reconstructs_the_world(teacher):
 
 def test_train_teacher_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "teacher.safetensors"
-    rc = train_teacher.main(["--work", str(tmp_path / "work"), "--out", str(out), "--n-train", "16", "--vae-steps", "2",
-                             "--vae-batch", "2", "--unet-steps", "2", "--unet-batch", "2", "--grid-n", "2",
-                             "--grid-steps", "2", "--threads", "1"])
+    argv = ["--work", str(tmp_path / "work"), "--out", str(out), "--n-train", "16", "--vae-steps", "2",
+            "--vae-batch", "2", "--unet-steps", "2", "--unet-batch", "2", "--grid-n", "2", "--grid-steps", "2",
+            "--threads", "1"]
+    rc = train_teacher.main(argv)
     assert rc == 0
     pipe = model_io.load_sd1_checkpoint(out)
     assert pipe.unet.config.block_out_channels == list(train_teacher.UNET_CONFIG["block_out_channels"])
     assert model_io.read_metadata(out)["jdm.kind"] == "teacher"
     assert (tmp_path / "work" / "samples_heldout_captions.png").is_file()
+    # a second run reuses the cached images, VAE and latents (read back with weights_only)
+    caches = sorted(p.name for p in (tmp_path / "work").glob("*.pt"))
+    assert caches and not list((tmp_path / "work").glob(".*.tmp"))
+    assert train_teacher.main(argv) == 0
+    assert (tmp_path / "work" / "log.txt").read_text().count("latent scale folded") == 1  # the VAE was not retrained
 
 
 @pytest.mark.slow

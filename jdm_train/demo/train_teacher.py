@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,9 +104,9 @@ def cached_images(work: Path, n: int) -> Tensor:
     """Training images 0..n-1 as uint8 (n, 3, 64, 64), rendered once into `work`."""
     path = work / f"images_{n}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     imgs = torch.stack([torch.from_numpy(data.render(data.scene(data.TRAIN_START + i))).permute(2, 0, 1) for i in range(n)])
-    torch.save(imgs, path)
+    _save_atomic(imgs, path)
     return imgs
 
 
@@ -245,6 +246,14 @@ def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps
     return teacher.multistep(steps, cfg)(captions, None, teacher.noise(len(captions), data.IMAGE_SIZE, seed))
 
 
+def _save_atomic(obj, path: Path) -> None:
+    # The script's own resumable caches (tensors and state dicts only, read back with weights_only);
+    # a crash mid-write must not leave a truncated cache that the next run trusts.
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_grid(images: Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
     """Images (B, 3, H, W) in [0, 1] as one PNG grid."""
     from PIL import Image
@@ -309,12 +318,12 @@ def main(argv=None) -> int:
 
     vae_path = work / "vae.pt"
     if vae_path.exists():
-        vae.load_state_dict(torch.load(vae_path)); vae.eval()
+        vae.load_state_dict(torch.load(vae_path, weights_only=True)); vae.eval()
     else:
         train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
         k = fold_latent_scale(vae, images)
         log(f"latent scale folded: k={k:.4f}")
-        torch.save(vae.state_dict(), vae_path)
+        _save_atomic(vae.state_dict(), vae_path)
     vae.requires_grad_(False)
     with torch.no_grad():
         x = images[-64:].float().div(255) * 2 - 1
@@ -323,21 +332,21 @@ def main(argv=None) -> int:
 
     lat_path = work / "latents.pt"
     if lat_path.exists():
-        lat_mean, lat_std = torch.load(lat_path)
+        lat_mean, lat_std = torch.load(lat_path, weights_only=True)
     else:
         lat_mean, lat_std = encode_all(vae, images)
-        torch.save((lat_mean, lat_std), lat_path)
+        _save_atomic((lat_mean, lat_std), lat_path)
     log(f"latents {tuple(lat_mean.shape)} std {lat_mean.std().item():.3f} mean {lat_mean.mean().item():.3f}")
 
     captions = [data.caption(data.TRAIN_START + i) for i in range(args.n_train)]
     ids = model_io.tokenize(tokenizer, captions)
     empty_ids = model_io.tokenize(tokenizer, [""])[0]
     state_path = work / "unet_state.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    state = torch.load(state_path, weights_only=True) if state_path.exists() else None
 
     ema_unet, ema_text = train_unet(unet, text_encoder, ids, empty_ids, lat_mean, lat_std, args.unet_steps,
                                     args.unet_batch, args.unet_lr, args.seed, log, state=state,
-                                    checkpoint=lambda s: torch.save(s, state_path))
+                                    checkpoint=lambda s: _save_atomic(s, state_path))
     train_seconds = time.time() - t_start
     log(f"training done in {train_seconds:.0f}s")
 

@@ -86,6 +86,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("adam_beta2", float, None, "AdamW beta2 of every optimizer."),
     ("weight_decay", float, None, "AdamW weight decay."),
     ("max_grad_norm", float, None, "Gradient-norm clip (0 = off)."),
+    ("ema_decay", float, None, "Exponential moving average of the generator (student and ControlNet) with this "
+                               "decay; previews and exports use the average (0 = off, the last weights)."),
     ("mixed_precision", str, MIXED_PRECISION, "Autocast precision (accelerate)."),
     ("gradient_checkpointing", "flag", None, "Recompute activations in the backward pass (less memory)."),
     ("cpu", "flag", None, "Train on the CPU even when an accelerator is present."),

@@ -58,6 +58,7 @@ class TrainConfig:
     condition_t_max: int = 999
     condition_weighting: str = "eq5"
     control_dropout: float = 0.0
+    ema_decay: float = 0.0
     reward_weight: float = 1.0
     gan_weight: float = 0.0
     consistency_weight: float = 1.0
@@ -117,6 +118,8 @@ class TrainConfig:
             bad("resolution", self.resolution, "a multiple of 64")
         if not 0 <= self.condition_t_max <= 999:
             bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
         if not 0 <= self.control_dropout < 1:
             bad("control_dropout", self.control_dropout, "a number in [0, 1)")
         if not 0 <= self.generator_timestep <= 999:

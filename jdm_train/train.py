@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,6 +122,12 @@ class Trainer:
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
                                 acc.num_processes)
         self.optimizers = self._build_optimizers()
+        self.ema = None
+        if config.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            # diffusers' EMA with its warm-up min(decay, (1 + n) / (10 + n)): early averages are short.
+            self.ema = EMAModel(self.generator_params(), decay=config.ema_decay, foreach=True)
         log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
                  len(self.dataset))
 
@@ -443,6 +450,24 @@ class Trainer:
                 offset += p.numel()
             start = end
 
+    def generator_params(self) -> list:
+        """The generator's trained parameters (student UNet or its LoRA, and the ControlNet)."""
+        return [p for group in self.optimizers["generator"].param_groups for p in group["params"]]
+
+    @contextmanager
+    def ema_weights(self):
+        """Within the block the generator holds its EMA weights (`--ema-decay`), what previews and exports show."""
+        if self.ema is None:
+            yield
+            return
+        params = self.generator_params()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
     def _finite(self, value: Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
@@ -481,6 +506,8 @@ class Trainer:
         if not self._finite(gen_total):
             return self._skip(logs)
         self._apply("generator")
+        if self.ema is not None:
+            self.ema.step(self.generator_params())
         if "fake" in self.optimizers:
             for repeat in range(cfg.fake_updates_per_step):
                 self._zero()
@@ -543,7 +570,8 @@ class Trainer:
                 if cfg.report_to and self.step % cfg.log_every == 0:
                     acc.log(logs, step=self.step)
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
-                    write_preview(self)
+                    with self.ema_weights():
+                        write_preview(self)
                 stop = self._stop_everywhere()
                 # During a streak of skipped steps nothing worth a new checkpoint happened.
                 due = self.step % cfg.checkpoint_every == 0 and self.nonfinite_run == 0
@@ -555,10 +583,13 @@ class Trainer:
                     break
             if self.step >= cfg.max_steps:
                 # Every finished run leaves a picture of what it learnt, not only weights.
-                final = write_preview(self) if not (cfg.preview_every and self.step % cfg.preview_every == 0) else None
-                if final is not None:
-                    log.info("preview grid (condition | student one step | teacher multi-step): %s", final)
-                export(self)
+                with self.ema_weights():
+                    final = None
+                    if not (cfg.preview_every and self.step % cfg.preview_every == 0):
+                        final = write_preview(self)
+                    if final is not None:
+                        log.info("preview grid (condition | student one step | teacher multi-step): %s", final)
+                    export(self)
         except NonFiniteLossError as exc:
             log.error("%s", exc)
             status = 3
@@ -642,6 +673,11 @@ def save_checkpoint(trainer: Trainer) -> Path:
     if acc.is_main_process:
         model_io.save_state_dict(tmp / "trainable.safetensors", trainer.roles.trainable_state(),
                                  {"jdm.kind": "trainer_checkpoint", "jdm.config": trainer.config.to_json()})
+        if trainer.ema is not None:
+            # In the generator optimizer's parameter order; the step sets where the warm-up is.
+            model_io.save_state_dict(tmp / "ema.safetensors",
+                                     {f"{i:05d}": p for i, p in enumerate(trainer.ema.shadow_params)},
+                                     {"jdm.kind": "trainer_ema", "jdm.ema_step": str(trainer.ema.optimization_step)})
         state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict(),
                  "num_processes": acc.num_processes, "replica_digests": digests}
         _atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1, sort_keys=True).encode())
@@ -667,9 +703,24 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     weights, _ = model_io.read_state_dict(path / "trainable.safetensors")
     trainer.roles.load_trainable_state({k: v.to(trainer.device) for k, v in weights.items()})
     trainer.accelerator.load_state(str(path))
+    if trainer.ema is not None:
+        _load_ema(trainer, path / "ema.safetensors")
     trainer.step = int(state["step"])
     trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
     log.info("resumed from %s at step %d", path, trainer.step)
+
+
+def _load_ema(trainer: Trainer, path: Path) -> None:
+    if not path.is_file():
+        log.warning("%s has no EMA weights (trained without --ema-decay); the EMA starts from the resumed weights", path.parent)
+        trainer.ema.shadow_params = [p.detach().clone() for p in trainer.generator_params()]
+        return
+    shadows, meta = model_io.read_state_dict(path)
+    if len(shadows) != len(trainer.ema.shadow_params):
+        raise ValueError(f"{path}: {len(shadows)} EMA tensors, the generator has {len(trainer.ema.shadow_params)}")
+    for i, s in enumerate(trainer.ema.shadow_params):
+        s.copy_(shadows[f"{i:05d}"])
+    trainer.ema.optimization_step = int(meta["jdm.ema_step"])
 
 
 # ---------------------------------------------------------------------- previews

@@ -150,9 +150,11 @@ def test_extend_phase_trains_only_a_new_controlnet(world, canny_run):
     assert all(torch.equal(v, load_file(first / "jdm.safetensors")[k]) for k, v in student_before.items())
 
 
-def test_resume_is_bitwise_identical(world):
-    whole, split = world["base"] / "whole", world["base"] / "split"
-    common = ("--control", "canny", "--checkpoint-every", "2", "--lr-student", "1e-3", "--lr-controlnet", "1e-3")
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_is_bitwise_identical(world, ema):
+    whole, split = world["base"] / f"whole{ema}", world["base"] / f"split{ema}"
+    common = ("--control", "canny", "--checkpoint-every", "2", "--lr-student", "1e-3", "--lr-controlnet", "1e-3",
+              "--ema-decay", ema)
     assert cli.main(_argv(world, whole, "--max-steps", "4", *common)) == 0
     assert cli.main(_argv(world, split, "--max-steps", "2", *common)) == 0
     assert cli.main(_argv(world, split, "--max-steps", "4", "--resume", "latest", *common)) == 0
@@ -164,6 +166,36 @@ def test_resume_is_bitwise_identical(world):
     assert any(not torch.equal(a[k], c[k]) for k in a), "steps 3-4 must change the weights"
     ea, eb = load_file(whole / "jdm.safetensors"), load_file(split / "jdm.safetensors")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    if ema != "0":
+        a, b = load_file(whole / "checkpoint-4" / "ema.safetensors"), load_file(split / "checkpoint-4" / "ema.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_follows_diffusers_warmup_and_is_what_is_exported(world, tmp_path):
+    """shadow_n = d_n shadow_{n-1} + (1 - d_n) theta_n with d_n = min(decay, n / (n + 9)), n = 1, 2, ...
+    (diffusers' EMAModel warm-up), recomputed here from the weights after each step; previews and
+    exports hold the average, training continues from the raw weights."""
+    from jdm_train.train import Trainer, export
+
+    trainer = Trainer(cli.parse_args(_argv(world, tmp_path, "--control", "canny", "--ema-decay", "0.6", "--max-steps", "3",
+                                           "--lr-controlnet", "1e-2", "--lr-student", "1e-3")))
+    shadow = None
+    for n in range(1, 4):
+        trainer.train_step()
+        trainer.step += 1
+        theta = [p.detach().clone() for p in trainer.generator_params()]
+        d = min(0.6, n / (n + 9)) if n > 1 else 0.0
+        shadow = theta if shadow is None else [d * s + (1 - d) * t for s, t in zip(shadow, theta)]
+    assert any(not torch.equal(s, t) for s, t in zip(shadow, theta))
+    for s, e in zip(shadow, trainer.ema.shadow_params):
+        torch.testing.assert_close(e, s)
+    with trainer.ema_weights():
+        assert all(torch.equal(p, s) for p, s in zip(trainer.generator_params(), trainer.ema.shadow_params))
+        reference = model_io.save_controlnet_ldm(tmp_path / "reference.safetensors", trainer.roles.controlnet, {})
+    assert all(torch.equal(p, t) for p, t in zip(trainer.generator_params(), theta))  # raw weights restored
+    assert trainer.train() == 0  # at max_steps already: the final preview and the exports
+    exported, expected = load_file(tmp_path / "jdm_canny.safetensors"), load_file(reference)
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
 def test_nonfinite_losses_skip_then_stop_keeping_last_checkpoint(world, tmp_path, monkeypatch):

@@ -76,8 +76,9 @@ class ControlProbe:
         tr, c = self.trainer, self.eval_set.control
         out, images = {}, {}
         for mode, control in (("own", c), ("blank", torch.zeros_like(c)), ("shuffled", c.roll(-1, 0))):
-            x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep,
-                                  Cond(self.text, control.to(tr.device)))
+            with tr.ema_weights():  # what the run would export
+                x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep,
+                                      Cond(self.text, control.to(tr.device)))
             images[mode] = tr.decode(x).cpu()
             out[f"L1 {mode}"] = float(self.extractor.consistency(images[mode], c).mean())
             if tr.config.control == "canny":

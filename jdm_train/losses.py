@@ -185,12 +185,16 @@ def condition_gradient(
 
 
 def cfg_direction(
-    x_t: Tensor, t: Tensor, guidance_denoise: Denoiser, cond: Any, uncond: Any, scale: float, schedule: NoiseSchedule
+    x_t: Tensor, t: Tensor, guidance_denoise: Denoiser, cond: Any, uncond: Any, scale: float, schedule: NoiseSchedule,
+    x0_cond: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Decoupled CFG as a condition term in score space (JDM Sec. 3.1, ALGORITHM step 6):
-    `alpha_t (w - 1) (x0_B(x_t, c) - x0_B(x_t, empty)) / sigma_t^2`, B being the guidance teacher."""
+    `alpha_t (w - 1) (x0_B(x_t, c) - x0_B(x_t, empty)) / sigma_t^2`, B being the guidance teacher.
+    `x0_cond`: `x0_B(x_t, c)` when already computed (B is the real score, as in DMD's CFG)."""
     with torch.no_grad():
-        term = cfg_term(guidance_denoise(x_t, t, cond), guidance_denoise(x_t, t, uncond), scale)
+        if x0_cond is None:
+            x0_cond = guidance_denoise(x_t, t, cond)
+        term = cfg_term(x0_cond, guidance_denoise(x_t, t, uncond), scale)
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     return alpha * term / sigma**2, _logs(cfg_x0_norm=_mean_abs(term))
 
@@ -301,7 +305,10 @@ def generator_direction(
         score = score + _per_sample(w_c, g_c) * g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
-        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule)
+        # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
+        same = guidance_denoise is real_denoise and guidance_cond is cond
+        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule,
+                                     x0_cond=x0_real if same else None)
         score = score + g_cfg
         logs.update(glogs)
     if reward is not None and reward_weight != 0.0:

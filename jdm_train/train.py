@@ -368,9 +368,10 @@ class Trainer:
     def guidance_conds(self, batch: dict) -> tuple[Cond, Cond]:
         n = len(batch["captions"])
         encoder = self.guidance_text_encoder
-        pos = self.encode_text(batch["captions"], encoder)
-        neg = self.encode_text([self.config.negative_prompt] * n, encoder)
-        return Cond(pos), Cond(neg)
+        neg = Cond(self.encode_text([self.config.negative_prompt] * n, encoder))
+        if encoder is None:  # the teacher guides itself: the real score's pass on the same Cond is reused
+            return batch["cond"], neg
+        return Cond(self.encode_text(batch["captions"], encoder)), neg
 
     def fake_score_step(self, batch: dict, x: Tensor | None = None, repeat: int = 0) -> tuple[Tensor, dict]:
         """Loss of one fake-score (Eq. 6) + consistency-LoRA (Eq. 8) + discriminator update on sg(x).

@@ -277,6 +277,13 @@ def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():
     # DMD's guided real score: x0_cfg = uncond + w (cond - uncond); direction x0_cfg - x0_fake.
     x0_cfg = cfg(teacher(x_t, t, "pos"), teacher(x_t, t, "neg"), 4.5)
     torch.testing.assert_close(g, x0_cfg - fake(x_t, t, "pos"))
+    # The guidance teacher's conditional pass is the real score's own: evaluated once, same result.
+    calls = []
+    counted = lambda v, tt, c: calls.append(c) or teacher(v, tt, c)  # noqa: E731
+    g2, _ = losses.generator_direction(x, t, eps, S, counted, fake, "pos", guidance_denoise=counted, guidance_cond="pos",
+                                       guidance_uncond="neg", cfg_scale=4.5, weighting="sigma2")
+    assert calls == ["pos", "neg"]
+    torch.testing.assert_close(g2, g)
 
 
 def test_implicit_vsd_is_fidelity_only():

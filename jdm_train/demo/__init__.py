@@ -17,17 +17,23 @@ FEATURES_PATH = ASSETS / "demo_features.safetensors"
 
 #: Trainer defaults with `--ckpt demo` (flags and --config keys given still win). SD1.5's defaults
 #: suit a 860M-parameter UNet over thousands of steps; the 7M demo teacher, a 1000-step CPU budget
-#: and the CFG-4 reference of its FID want these (measured with `python -m jdm_train.bench control`).
+#: and the CFG-4 reference of its FID want these. Each was measured with `python -m jdm_train.bench
+#: control` (1000 steps, 64 held-out conditions; the README's demo section has the table).
 TRAIN_DEFAULTS = {
     "resolution": 64,  # the procedural shapes' native size
     "cfg_scale": 4.0,  # the teacher's samples only follow captions with guidance (FID 618 vs 815 without, 600 steps)
     "lr_controlnet": 3e-4,  # a fresh ControlNet needs it to pick up the hint within the budget
     "lr_fake": 1e-4,  # the fake score must track the student (two time-scale rule, as DMD2)
-    # Eq. 5's weight 1 leaves the control unlearnt in 1000 steps; 30 learns it (edge F1 0.55 vs
-    # 0.13 with another image's control) at a cost in image quality; 10 keeps quality, barely
-    # learns the control (0.18 vs 0.15). Both measured with `bench control`, 1000 steps.
-    "condition_weight": 30.0,
-    "lr_student": 3e-6,  # vs 1e-5: L1 consistency 17% better than blanked instead of 8%, FID 1820 vs 2345
+    "lr_student": 3e-6,  # vs 1e-5: L1 consistency 17% better than blanked instead of 8% (Eq. 5 weighting)
+    # Eq. 5's weighting puts the condition term almost only at t near 999, where the consistency
+    # model's x0 is a blur; as an x0 gradient at every t ("snr") it teaches the edges. Weight 100:
+    # 30 learns little control in 1000 steps (edge F1 0.26 vs 0.13 blanked), 100 learns it (0.51).
+    "condition_weighting": "snr",
+    "condition_weight": 100.0,
+    # Without dropout a student that obeys a blank map draws a flat image, which scores better on
+    # L1 than any image with edges; with it, a blank map gives the teacher's distribution.
+    "control_dropout": 0.3,  # 0.5 kept image quality but learnt less control (L1 20-25% better than blanked vs 33-49%)
+    "ema_decay": 0.99,  # the control is learnt and unlearnt from one evaluation to the next; the average is steadier
 }
 
 

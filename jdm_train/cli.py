@@ -62,7 +62,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                                    "as Eq. 5); near t=999 the consistency model's x0 is a blur."),
     ("condition_weighting", str, CONDITION_WEIGHTINGS, "Timestep weighting of the condition term: eq5 shares "
                             "the fidelity term's lambda_t (Eq. 5); snr multiplies it by alpha_t^2/sigma_t^2, "
-                            "a gradient on the consistency model's x0 at the same scale at every t."),
+                            "a gradient on the consistency model's x0 at the same scale at every t (but "
+                            "DMD's normalisation); x0: that x0 gradient alone, without lambda_t or DMD's normalisation."),
     ("control_dropout", float, None, "Share of training samples whose control is blanked (no condition term, "
                                      "fidelity only), so that a blank control gives the teacher's distribution."),
     ("reward_weight", float, None, "Weight of the reward term."),

@@ -19,7 +19,7 @@ DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 PHASES = ("joint", "extend")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COND_DECODERS = ("vae", "taesd")
-CONDITION_WEIGHTINGS = ("eq5", "snr")  # as losses.CONDITION_WEIGHTINGS
+CONDITION_WEIGHTINGS = ("eq5", "snr", "x0")  # as losses.CONDITION_WEIGHTINGS
 
 
 @dataclass

@@ -32,7 +32,7 @@ LogLikelihood = Callable[[Tensor], Tensor]
 
 DIVERGENCES = ("rkl", "srkl", "js", "hellinger", "fkl", "jeffreys")
 WEIGHTINGS = ("dmd", "sigma2", "none")
-CONDITION_WEIGHTINGS = ("eq5", "snr")
+CONDITION_WEIGHTINGS = ("eq5", "snr", "x0")
 DEFAULT_T_MIN, DEFAULT_T_MAX = 20, 980
 
 
@@ -263,7 +263,9 @@ def generator_direction(
     Eq. 5; "snr" multiplies it by SNR(t) = alpha_t^2 / sigma_t^2, which makes its direction on x the
     gradient with respect to the consistency model's x0 (d x0 / d x_t ~ 1 / alpha_t) at the same
     scale at every t. Under "eq5" with DMD's weighting the term grows as 1 / alpha_t^2 towards t = 999,
-    where x0 is a blur, and all but vanishes at small t, where x0 is sharp.
+    where x0 is a blur, and all but vanishes at small t, where x0 is sharp; "snr" keeps DMD's
+    1 / mean|x - x0_real|, which is large at small t. "x0" gives the direction `alpha_t g_c` on x,
+    the gradient with respect to x0, with no lambda_t and no DMD normalisation.
     `condition_mask` (B,) bool: False for samples whose control was dropped (`--control-dropout`,
     ours), which then get no condition term, only fidelity.
     """
@@ -279,7 +281,8 @@ def generator_direction(
     logs: dict[str, Tensor] = {}
     with torch.no_grad():
         x0_real = real_denoise(x_t, t, cond)
-    score = torch.zeros_like(x_t)
+    score = torch.zeros_like(x_t)  # score-space terms at x_t, mapped to x by term_scale (Eq. 5)
+    on_x = torch.zeros_like(x_t)  # terms given as directions on x already
     if fake_denoise is not None and fidelity_weight != 0.0:
         with torch.no_grad():
             x0_fake = fake_denoise(x_t, t, cond)
@@ -298,11 +301,12 @@ def generator_direction(
     if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
         # A batch with every t above condition_t_max skips the consistency/decoder pass entirely.
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
-        w_c = condition_weight * keep.to(g_c.dtype)
-        if condition_weighting == "snr":
-            alpha, sigma = schedule.alpha_sigma(t, g_c)
-            w_c = w_c * (alpha / sigma).pow(2).flatten()
-        score = score + _per_sample(w_c, g_c) * g_c
+        w_c = _per_sample(condition_weight * keep.to(g_c.dtype), g_c)
+        alpha, sigma = schedule.alpha_sigma(t, g_c)
+        if condition_weighting == "x0":
+            on_x = on_x + w_c * alpha * g_c
+        else:
+            score = score + (w_c * (alpha / sigma).pow(2) if condition_weighting == "snr" else w_c) * g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
         # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
@@ -315,7 +319,7 @@ def generator_direction(
         g_r, rlogs = condition_gradient(x_t, t, consistency_denoise, reward, cond, decode)
         score = score + reward_weight * g_r
         logs.update({"reward": rlogs["log_likelihood"], "reward_grad_norm": rlogs["condition_grad_norm"]})
-    g = term_scale(x, x0_real, t, schedule, weighting) * score
+    g = term_scale(x, x0_real, t, schedule, weighting) * score + on_x
     logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1)))
     return g.detach(), logs
 

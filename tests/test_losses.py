@@ -263,8 +263,14 @@ def test_snr_condition_weighting_is_the_x0_gradient_at_every_t():
     eq5, _ = losses.generator_direction(x, t, eps, S, real_denoise=lambda v, tt, c: v, fake_denoise=None, **kw)
     torch.testing.assert_close(snr, -(x0 - 1.0))
     torch.testing.assert_close(eq5, -(x0 - 1.0) * sigma**2 / alpha**2)
+    # "x0": the same x0 gradient whatever the fidelity weighting (DMD's per-sample norm included)
+    for weighting in ("dmd", "none"):
+        kw["weighting"] = weighting
+        direct, _ = losses.generator_direction(x, t, eps, S, real_denoise=lambda v, tt, c: 0.5 * v, fake_denoise=None,
+                                               condition_weighting="x0", **kw)
+        torch.testing.assert_close(direct, -(x0 - 1.0))
     with pytest.raises(ValueError, match="condition_weighting"):
-        losses.generator_direction(x, t, eps, S, lambda v, tt, c: v, None, condition_weighting="x0", **kw)
+        losses.generator_direction(x, t, eps, S, lambda v, tt, c: v, None, condition_weighting="bogus", **kw)
 
 
 def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():

@@ -154,6 +154,7 @@ def test_edge_f1_tolerates_one_pixel():
     assert edge_f1(half, c) == pytest.approx(2 * (7 / 12) / (1 + 7 / 12))
 
 
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad")  # the probe must run without autograd
 def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     from jdm_train.bench import control
 

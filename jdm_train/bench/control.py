@@ -61,13 +61,13 @@ class ControlProbe:
                                      Cond(trainer.encode_text([""] * n)), 25, 4.0, trainer.schedule)
         self.reference = self.features.features(trainer.decode(latents).cpu())
 
-    @torch.no_grad()
     def write_grid(self, path: str, rows: int = 8) -> None:
         from jdm_train.export import write_preview_grid
 
         columns = [self.eval_set.control[:rows]] + [self.images[m][:rows] for m in ("own", "blank", "shuffled")]
         write_preview_grid(Path(path), columns)
 
+    @torch.no_grad()
     def __call__(self) -> dict[str, float]:
         from jdm_train import evaluate
         from jdm_train.denoisers import Cond

@@ -299,7 +299,7 @@ def generator_direction(
     if condition_mask is not None:
         keep = keep & condition_mask.to(keep.device, torch.bool)
     if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
-        # A batch with every t above condition_t_max skips the consistency/decoder pass entirely.
+        # A batch with no sample kept (t above condition_t_max, or control dropped) skips the consistency/decoder pass.
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
         w_c = _per_sample(condition_weight * keep.to(g_c.dtype), g_c)
         alpha, sigma = schedule.alpha_sigma(t, g_c)

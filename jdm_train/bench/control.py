@@ -75,11 +75,12 @@ class ControlProbe:
 
         tr, c = self.trainer, self.eval_set.control
         out, images = {}, {}
-        for mode, control in (("own", c), ("blank", torch.zeros_like(c)), ("shuffled", c.roll(-1, 0))):
-            with tr.ema_weights():  # what the run would export
+        with tr.ema_weights():  # what the run would export; swapped in once for the three controls
+            for mode, control in (("own", c), ("blank", torch.zeros_like(c)), ("shuffled", c.roll(-1, 0))):
                 x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep,
                                       Cond(self.text, control.to(tr.device)))
-            images[mode] = tr.decode(x).cpu()
+                images[mode] = tr.decode(x).cpu()
+        for mode in images:
             out[f"L1 {mode}"] = float(self.extractor.consistency(images[mode], c).mean())
             if tr.config.control == "canny":
                 out[f"F1 {mode}"] = edge_f1(self.extractor.extract(images[mode]), c)

@@ -93,3 +93,11 @@ def test_demo_training_defaults_yield_to_flags_and_config(tmp_path):
     cfg_file.write_text("lr_controlnet = 2e-4\n")
     assert parse_args(["--ckpt", "demo", "--config", str(cfg_file)]).lr_controlnet == 2e-4
     assert parse_args(["--ckpt", "other.safetensors"]).cfg_scale == TrainConfig().cfg_scale
+
+
+def test_config_choice_lists_match_the_losses_they_select():
+    # config.py stays free of torch, so it spells these out again; they must not drift apart.
+    from jdm_train import config, losses
+
+    assert config.DIVERGENCES == losses.DIVERGENCES
+    assert config.CONDITION_WEIGHTINGS == losses.CONDITION_WEIGHTINGS

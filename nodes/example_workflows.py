@@ -1,4 +1,4 @@
-"""The pack's example workflows (``workflows/*.json``, UI format 0.4) and their thumbnails.
+"""The pack's example workflows (``example_workflows/*.json``, UI format 0.4) and their thumbnails.
 
 `python nodes/example_workflows.py` rewrites them from the node schemas (the shared core
 object_info and this pack's `nodes/object_info.json`). Model names are the trainer's default
@@ -17,7 +17,7 @@ from jdm_train.bench.comfy import load_pack_module
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 SHARED_OBJECT_INFO = Path("/work/shared/comfyui/object_info.json")
 
 TEACHER = "v1-5-pruned-emaonly.safetensors"
@@ -223,7 +223,7 @@ def main() -> int:
             photo, cond = control_example(control)
             insets = [("photo (scikit-image, CC0)", photo), (f"JDM {control} preprocessor output", cond)]
         thumbnail(graph, TITLES[name], insets).save(WORKFLOWS / f"{name}.jpg", quality=88)
-        print(f"wrote workflows/{name}.json and .jpg")
+        print(f"wrote example_workflows/{name}.json and .jpg")
     return 0
 
 

@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 
 
 wf = load_pack_module("workflow_format")

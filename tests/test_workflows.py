@@ -1,4 +1,4 @@
-"""The shipped workflows (workflows/*.json) checked without ComfyUI against the node schemas.
+"""The shipped workflows (example_workflows/*.json, the folder ComfyUI serves as the pack's templates) checked without ComfyUI against the node schemas.
 
 Schemas: the core nodes of ComfyUI 0.3.64 (/work/shared/comfyui/object_info.json where it
 exists, else nodes/core_object_info.json, the subset the workflows use, checked equal to it)
@@ -15,7 +15,7 @@ import pytest
 from jdm_train.bench.comfy import load_pack_module
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 SHARED = Path("/work/shared/comfyui/object_info.json")
 
 
@@ -42,6 +42,8 @@ def test_core_subset_is_the_shared_core_schema():
 
 
 def test_the_five_workflows_are_shipped_with_thumbnails():
+    # ComfyUI lists a pack's templates from example_workflows/ and only hints at renaming other folders
+    assert not (REPO / "workflows").exists()
     names = {p.stem for p in WORKFLOWS}
     assert {"jdm_one_step_hed", "jdm_one_step_canny", "jdm_one_step_lowres_upscale", "jdm_decoupled_cfg_teacher",
             "jdm_one_step_vs_teacher_20_steps"} <= names
@@ -77,7 +79,7 @@ def test_workflow_uses_the_trainer_default_export_names(path):
 def test_shipped_workflows_are_what_the_generator_writes(object_info):
     gen = load_pack_module("example_workflows")
     for name, graph in gen.workflows().items():
-        assert json.loads((REPO / "workflows" / f"{name}.json").read_text()) == json.loads(json.dumps(graph)), name
+        assert json.loads((REPO / "example_workflows" / f"{name}.json").read_text()) == json.loads(json.dumps(graph)), name
 
 
 def test_to_api_follows_the_frontend_widget_rules(object_info):
@@ -99,7 +101,7 @@ def test_to_api_follows_the_frontend_widget_rules(object_info):
 
 
 def test_a_widget_with_a_link_takes_the_link(object_info):
-    graph = json.loads((REPO / "workflows" / "jdm_one_step_canny.json").read_text())
+    graph = json.loads((REPO / "example_workflows" / "jdm_one_step_canny.json").read_text())
     api = wf.to_api(graph, object_info)
     (sampler,) = [n for n in api.values() if n["class_type"] == "JDM_OneStepSampler"]
     (loader_id,) = [k for k, n in api.items() if n["class_type"] == "JDM_ControlNetLoader"]
@@ -108,7 +110,7 @@ def test_a_widget_with_a_link_takes_the_link(object_info):
 
 
 def _mutated(fn):
-    graph = json.loads((REPO / "workflows" / "jdm_one_step_canny.json").read_text())
+    graph = json.loads((REPO / "example_workflows" / "jdm_one_step_canny.json").read_text())
     fn(graph)
     return graph
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from kornia.geometry.transform import resize
 
 from .base import Extractor, Param, check_images
 
@@ -16,17 +16,17 @@ def _small_size(images: torch.Tensor, factor: int) -> tuple[int, int]:
 def lowres_nearest(images: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """Nearest downscale by `factor` and nearest upscale back: (B, C, H, W) -> (B, C, H, W).
 
-    PyTorch's `nearest` picks source index floor(i * H / h), as `cv2.INTER_NEAREST`
-    does: for H divisible by `factor` each block shows its top-left pixel.
+    `nearest` picks source index floor(i * H / h), as `cv2.INTER_NEAREST` does: for H
+    divisible by `factor` each block shows its top-left pixel.
     """
-    small = F.interpolate(images, size=_small_size(images, factor), mode="nearest")
-    return F.interpolate(small, size=images.shape[-2:], mode="nearest")
+    small = resize(images, _small_size(images, factor), interpolation="nearest", antialias=False)
+    return resize(small, tuple(images.shape[-2:]), interpolation="nearest", antialias=False)
 
 
 def lowres_area(images: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """Differentiable face: area (block-mean) downscale, nearest upscale back."""
-    small = F.interpolate(images, size=_small_size(images, factor), mode="area")
-    return F.interpolate(small, size=images.shape[-2:], mode="nearest")
+    small = resize(images, _small_size(images, factor), interpolation="area", antialias=False)
+    return resize(small, tuple(images.shape[-2:]), interpolation="nearest", antialias=False)
 
 
 class LowRes(Extractor):

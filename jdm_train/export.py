@@ -45,23 +45,34 @@ def write_exports(config: TrainConfig, roles: Roles, base_name: str, output_dir:
     """Write the merged student UNet (UNETLoader), the ControlNet (ControlNetLoader) and, with a
     student LoRA, the LoRA (LoraLoaderModelOnly) with `jdm.*` metadata; returns {kind: path}.
 
-    `base_name` is the teacher checkpoint's file name (`jdm.base`); the `extend` phase trains
-    only a ControlNet, so it exports only that, as does `--objective controlnet` (its UNet is the teacher)."""
+    The files are one `model_io.ExportSet`: all are written as temporaries first and renamed
+    together, so a reader sees the previous set or the new one, and each carries the set's
+    `jdm.export_id`. `base_name` is the teacher checkpoint's file name (`jdm.base`); the `extend`
+    phase trains only a ControlNet, so it exports only that, as does `--objective controlnet`
+    (its UNet is the teacher)."""
     paths = export_paths(config, output_dir)
     meta = {"jdm.control": config.control, "jdm.timestep": str(config.generator_timestep),
             "jdm.base": base_name, "jdm.config": config.to_dict()}
-    written: dict[str, Path] = {}
     trains_student = config.phase == "joint" and config.objective != "controlnet"
+    kinds = ["controlnet"]
     if trains_student:
-        written["student"] = model_io.save_unet_ldm(paths["student"], merged_student_unet(roles),
-                                                    {**meta, "jdm.kind": "student"})
-    written["controlnet"] = model_io.save_controlnet_ldm(paths["controlnet"], roles.controlnet,
-                                                         {**meta, "jdm.kind": "controlnet"})
-    if trains_student and config.student_lora_rank > 0:
-        state, alpha = student_lora_state(roles)
-        written["lora"] = model_io.save_state_dict(paths["lora"], lora_to_comfyui(state, alpha),
-                                                   model_io.export_metadata("student_lora", meta))
-    return written
+        kinds = ["student", "controlnet"] + (["lora"] if config.student_lora_rank > 0 else [])
+    with model_io.ExportSet({k: paths[k] for k in kinds}) as exports:
+        if trains_student:
+            exports.write("student", *model_io.unet_ldm_export(merged_student_unet(roles),
+                                                               {**meta, "jdm.kind": "student"}))
+        exports.write("controlnet", *model_io.controlnet_ldm_export(roles.controlnet,
+                                                                    {**meta, "jdm.kind": "controlnet"}))
+        if "lora" in kinds:
+            state, alpha = student_lora_state(roles)
+            exports.write("lora", lora_to_comfyui(state, alpha), model_io.export_metadata("student_lora", meta))
+    return exports.paths
+
+
+def clean_export_leftovers(config: TrainConfig, output_dir: Path) -> list[Path]:
+    """Before training: finish an export set a kill interrupted between its renames and delete
+    leftover export temporaries (a full-size student's is gigabytes); returns the files removed."""
+    return model_io.recover_export_set(export_paths(config, output_dir).values())
 
 
 def write_preview_grid(path: Path, columns: list[Tensor]) -> Path:

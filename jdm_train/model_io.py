@@ -8,7 +8,11 @@
   converters do the key mapping.
 * `save_unet_ldm`, `save_controlnet_ldm`, `save_sd1_checkpoint` write the reverse
   (diffusers->LDM, `ldm_convert`) layouts that ComfyUI's UNETLoader, ControlNetLoader and
-  CheckpointLoaderSimple read, as safetensors with ``jdm.*`` metadata, atomically.
+  CheckpointLoaderSimple read, as safetensors with ``jdm.*`` metadata, atomically, with the
+  umask's file mode; a full disk is a `NoSpaceError` naming the folder and the size needed.
+* `ExportSet` writes several exports (student, ControlNet, LoRA) as one set: a reader sees the
+  old set or the new one, `recover_export_set` finishes or cleans one a kill interrupted, and
+  `export_set_mismatch` tells a mixed set by the shared ``jdm.export_id``.
 
 Pickled files (.ckpt/.pt/.pth/.bin) are refused unless ``allow_pickle=True``, and then
 loaded with ``torch.load(weights_only=True)``.
@@ -16,14 +20,19 @@ loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
+import glob
 import gzip
 import importlib.util
 import json
 import os
-import tempfile
+import secrets
+import shutil
+import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -252,33 +261,243 @@ def export_metadata(kind: str, metadata: Mapping[str, Any] | None = None,
 
 
 
-def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write safetensors atomically: temp file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
+class NoSpaceError(OSError):
+    """A write ran out of disk space (or quota); the message names the folder and the size needed."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a full disk or quota: an OSError, or the text of safetensors' own error."""
+    codes = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return True
+    return any(s in str(exc) for s in ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122"))
+
+
+def no_space_error(folder: str | os.PathLike, needed_bytes: int) -> NoSpaceError:
+    """The error to raise for a full disk: ``no space left in <folder>, needed about N GB``."""
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e9:.3g} GB free now"
+    except OSError:
+        free = ""
+    return NoSpaceError(errno.ENOSPC, f"no space left in {folder}, needed about {needed_bytes / 1e9:.3g} GB{free}; "
+                                      "free some space or write to another disk")
+
+
+def _new_temp(path: Path, folder: bool = False) -> Path:
+    """A new file (or folder) ``.<name>.<random>.tmp`` beside ``path``: same file system, so the rename is atomic."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
+
+
+def _remove_temp(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_temp(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+    """``sd`` as a complete, fsynced file ``.<name>.<random>.tmp/<name>`` beside ``path``.
+
+    The private folder also catches the temporary file safetensors (>= 0.8) writes beside its
+    target, so a kill leaves one thing to clean. The file gets the mode a plain ``open()`` gives
+    (0666 less the umask): safetensors' own is 0600, which hides exports from a ComfyUI run by
+    another user. On failure nothing is left behind; a full disk is a `NoSpaceError`."""
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: exports are written as .safetensors; got suffix {path.suffix!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = _new_temp(path, folder=True)
+    tmp = folder / path.name
     try:
-        save_file(tensors, tmp, metadata={str(k): str(v) for k, v in metadata.items()})
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what a plain open() creates
+        save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as exc:
+        _remove_temp(folder)
+        if is_disk_full(exc):
+            raise no_space_error(path.parent, sum(t.numel() * t.element_size() for t in tensors.values())) from exc
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _place(tmp: Path, final: Path) -> None:
+    """Rename a `_write_temp` file into place and drop its private folder."""
+    os.replace(tmp, final)
+    _remove_temp(tmp.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # makes a rename itself durable; not possible on every platform
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
+
+
+def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write safetensors atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    The file gets the mode a plain ``open()`` would give (0666 less the umask). A full disk raises
+    `NoSpaceError` ("no space left in <folder>, needed about N GB") and leaves no temp file."""
+    path = Path(path)
+    tmp = _write_temp(path, sd, metadata)
+    try:
+        os.replace(tmp, path)
+    finally:
+        _remove_temp(tmp.parent)
+    _fsync_dir(path.parent)
     return path
+
+
+# --------------------------------------------------------------------------- export sets
+
+
+def _journal(path: Path) -> Path:
+    return path.with_name(f".{path.name}.export-set.json")
+
+
+def _temps_of(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+class ExportSet:
+    """Files of one export (student, ControlNet, LoRA) that a reader sees as a set: old or new.
+
+    Each `write` puts a complete temporary file beside its target, so only one state dict is in
+    memory at a time. Leaving the ``with`` block normally renames them all in the planned order
+    after recording the renames in a journal beside the first file; an exception deletes the
+    temporaries and leaves the previous set untouched. A kill between the renames leaves the
+    journal, and `recover_export_set` (run before the next export) completes them. Every file
+    carries ``jdm.export_id`` (shared by the set) and ``jdm.export_set`` (JSON {kind: file name}),
+    so a loader can tell a mixed set (`export_set_mismatch`).
+
+        with ExportSet({"student": p1, "controlnet": p2}) as exports:
+            exports.write("student", sd1, meta1)
+            exports.write("controlnet", sd2, meta2)
+    """
+
+    def __init__(self, paths: Mapping[str, str | os.PathLike]):
+        self.paths = {kind: Path(p) for kind, p in paths.items()}
+        if not self.paths:
+            raise ValueError("ExportSet: no files planned")
+        self.export_id = uuid.uuid4().hex
+        self.members = json.dumps({kind: p.name for kind, p in self.paths.items()}, sort_keys=True)
+        self.temps: dict[str, Path] = {}
+
+    def write(self, kind: str, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+        if kind not in self.paths or kind in self.temps:
+            raise ValueError(f"ExportSet: {kind!r} is not a planned file or was written already; planned {list(self.paths)}")
+        meta = {**metadata, "jdm.export_id": self.export_id, "jdm.export_set": self.members}
+        self.temps[kind] = _write_temp(self.paths[kind], sd, meta)
+
+    def discard(self) -> None:
+        for tmp in self.temps.values():
+            _remove_temp(tmp.parent)
+        self.temps.clear()
+
+    def commit(self) -> dict[str, Path]:
+        missing = [k for k in self.paths if k not in self.temps]
+        if missing:
+            self.discard()
+            raise ValueError(f"ExportSet: {missing} planned but not written; nothing was replaced")
+        pairs = [(str(self.temps[k]), str(self.paths[k])) for k in self.paths]
+        journal = _journal(next(iter(self.paths.values())))
+        if len(pairs) > 1:
+            tmp = _new_temp(journal)
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(pairs, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, journal)
+            except BaseException as exc:
+                tmp.unlink(missing_ok=True)
+                self.discard()
+                if is_disk_full(exc):
+                    raise no_space_error(journal.parent, 4096) from exc
+                raise
+        _finish_renames(pairs, journal)  # a failure here keeps journal and temps for recover_export_set
+        self.temps.clear()
+        return dict(self.paths)
+
+    def __enter__(self) -> ExportSet:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _finish_renames(pairs: list[tuple[str, str]], journal: Path) -> None:
+    for tmp, final in pairs:
+        if os.path.exists(tmp):
+            _place(Path(tmp), Path(final))
+    for folder in dict.fromkeys(Path(final).parent for _, final in pairs):
+        _fsync_dir(folder)
+    journal.unlink(missing_ok=True)
+    _fsync_dir(journal.parent)
+
+
+def recover_export_set(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Make the exports at ``paths`` a consistent set after a kill; returns the temp files removed.
+
+    An export killed between its renames left a journal: its remaining (complete, fsynced)
+    temporaries are renamed into place, finishing the new set. Any other leftover temporary
+    of these files (a kill while writing) is deleted. Run it before an export starts."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        journal = _journal(path)
+        if not journal.is_file():
+            continue
+        try:
+            pairs = [(str(t), str(f)) for t, f in json.loads(journal.read_text(encoding="utf-8"))]
+        except (ValueError, TypeError):
+            pairs = []
+        finals = {str(p) for p in paths}
+        # only renames of a temp of one of these files onto that file: the journal is not trusted further
+        if all(f in finals and Path(t).name == Path(f).name and Path(t).parent.parent == Path(f).parent
+               and Path(t).parent.name.startswith(f".{Path(f).name}.") for t, f in pairs):
+            _finish_renames(pairs, journal)
+        else:
+            journal.unlink(missing_ok=True)
+    removed = []
+    for path in paths:
+        for tmp in _temps_of(path) + _temps_of(_journal(path)):
+            _remove_temp(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def export_set_mismatch(files: Mapping[str, str | os.PathLike]) -> str | None:
+    """Why the exports ``{kind: path}`` are not one set (``jdm.export_id`` differs), else None.
+
+    Files without an export id (older exports, other tools) are not judged."""
+    ids = {}
+    for kind, path in files.items():
+        export_id = read_metadata(path).get("jdm.export_id")
+        if export_id:
+            ids[kind] = export_id
+    if len(set(ids.values())) > 1:
+        return "mixed export set: " + ", ".join(f"{k} {Path(files[k]).name} is export {v[:8]}" for k, v in ids.items())
+    return None
 
 
 # --------------------------------------------------------------------------- family checks
@@ -591,6 +810,16 @@ def _check_unet_exportable(unet) -> None:
         raise ValueError(f"UNet config {bad} has no SD1.x LDM layout; expected a plain SD1.x UNet2DConditionModel")
 
 
+def unet_ldm_export(unet, metadata: Mapping[str, Any] | None = None, prefix: str = UNET_PREFIX,
+                    dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of `save_unet_ldm`, for writing it as part of an `ExportSet`."""
+    _check_unet_exportable(unet)
+    sd = {prefix + k: (v.to(dtype) if dtype else v) for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
+    meta = export_metadata("student", metadata, {"jdm.unet_config": _unet_config_json(unet),
+                                           "jdm.unet_heads": str(_heads(unet))})
+    return sd, meta
+
+
 def save_unet_ldm(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | None = None,
                   prefix: str = UNET_PREFIX, dtype: torch.dtype | None = None) -> Path:
     """Export a diffusers UNet in LDM layout for ComfyUI's "Load Diffusion Model" (UNETLoader).
@@ -600,11 +829,7 @@ def save_unet_ldm(path: str | os.PathLike, unet, metadata: Mapping[str, Any] | N
     ``jdm.control``, ``jdm.timestep``, ``jdm.base``, ``jdm.config`` (JSON) and
     ``jdm.unet_config`` (the diffusers config, so `load_unet` rebuilds it exactly).
     """
-    _check_unet_exportable(unet)
-    sd = {prefix + k: (v.to(dtype) if dtype else v) for k, v in unet_diffusers_to_ldm(unet.state_dict()).items()}
-    meta = export_metadata("student", metadata, {"jdm.unet_config": _unet_config_json(unet),
-                                           "jdm.unet_heads": str(_heads(unet))})
-    return save_state_dict(path, sd, meta)
+    return save_state_dict(path, *unet_ldm_export(unet, metadata, prefix, dtype))
 
 
 def _heads(model) -> int:
@@ -612,18 +837,24 @@ def _heads(model) -> int:
     return int(h if isinstance(h, int) else h[0])
 
 
-def save_controlnet_ldm(path: str | os.PathLike, controlnet, metadata: Mapping[str, Any] | None = None,
-                        dtype: torch.dtype | None = None) -> Path:
-    """Export a diffusers ControlNetModel in the cldm layout (``control_model.*``) that
-    ComfyUI's ControlNetLoader reads at any width. Metadata as in `save_unet_ldm`
-    (``jdm.kind`` defaults to "controlnet")."""
+def controlnet_ldm_export(controlnet, metadata: Mapping[str, Any] | None = None,
+                          dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of `save_controlnet_ldm`, for writing it as part of an `ExportSet`."""
     emb = tuple(controlnet.config.conditioning_embedding_out_channels)
     if emb != CLDM_HINT_CHANNELS:
         raise ValueError(
             f"ControlNet conditioning_embedding_out_channels={emb}: ComfyUI's cldm ControlNet "
             f"hard-codes {CLDM_HINT_CHANNELS}; expected that")
     sd = {k: (v.to(dtype) if dtype else v) for k, v in controlnet_diffusers_to_ldm(controlnet.state_dict()).items()}
-    return save_state_dict(path, sd, export_metadata("controlnet", metadata, {"jdm.unet_heads": str(_heads(controlnet))}))
+    return sd, export_metadata("controlnet", metadata, {"jdm.unet_heads": str(_heads(controlnet))})
+
+
+def save_controlnet_ldm(path: str | os.PathLike, controlnet, metadata: Mapping[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Export a diffusers ControlNetModel in the cldm layout (``control_model.*``) that
+    ComfyUI's ControlNetLoader reads at any width. Metadata as in `save_unet_ldm`
+    (``jdm.kind`` defaults to "controlnet")."""
+    return save_state_dict(path, *controlnet_ldm_export(controlnet, metadata, dtype))
 
 
 def save_sd1_checkpoint(path: str | os.PathLike, unet, vae, text_encoder, metadata: Mapping[str, Any] | None = None,

@@ -10,6 +10,10 @@ made by a preprocessor for another control.
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import comfy.controlnet
 import folder_paths
 from comfy_api.latest import io
@@ -18,6 +22,8 @@ from ..jdm_train import model_io
 from ..jdm_train.sampling import DEFAULT_GENERATOR_TIMESTEP
 from .common import CATEGORY, check_conditioning, check_image
 
+log = logging.getLogger(__name__)
+
 # Attribute set on the loaded ControlNet object so JDM Apply ControlNet can compare controls.
 CONTROL_ATTR = "jdm_control"
 _CLDM_KEYS = ("zero_convs.0.0.weight", "control_model.zero_convs.0.0.weight")
@@ -25,14 +31,20 @@ _DIFFUSERS_KEY = "controlnet_cond_embedding.conv_in.weight"
 
 
 def _keys(path) -> list[str]:
-    if str(path).lower().endswith(".safetensors"):
-        from safetensors import safe_open
+    try:
+        if str(path).lower().endswith(".safetensors"):
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return list(f.keys())
-    import comfy.utils
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        import comfy.utils
 
-    return list(comfy.utils.load_torch_file(str(path), safe_load=True).keys())
+        return list(comfy.utils.load_torch_file(str(path), safe_load=True).keys())
+    except Exception as e:  # SafetensorError, a truncated pickle, ...: say which file and which input
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise ValueError(f"control_net_name: {path} ({size} bytes) is not a readable weight file: empty, truncated "
+                         f"or corrupt ({type(e).__name__}: {e}); expected a complete ControlNet .safetensors, "
+                         f"download or export it again") from e
 
 
 def _what(keys: list[str]) -> str:
@@ -61,6 +73,32 @@ def check_controlnet_file(path, expected_base: str = "") -> dict:
         raise ValueError(f"control_net_name: {path} is a JDM ControlNet trained for base {base!r}, "
                          f"but expected_base is {expected_base!r}; load the ControlNet exported with that student")
     return meta
+
+
+def warn_if_mixed_export(path, meta: dict) -> str | None:
+    """Log (and return) a warning when the JDM student exported with this ControlNet is in the
+    model folders but belongs to another export (a run interrupted while exporting)."""
+    try:
+        members = json.loads(str(meta.get("jdm.export_set", "") or "{}"))
+    except ValueError:
+        return None
+    student = Path(str(members.get("student", "") or "")).name if isinstance(members, dict) else ""
+    if not student:
+        return None
+    student_path = folder_paths.get_full_path("diffusion_models", student)
+    if student_path is None and (Path(path).parent / student).is_file():  # exports in one output folder
+        student_path = Path(path).parent / student
+    if student_path is None:
+        return None
+    try:
+        problem = model_io.export_set_mismatch({"controlnet": path, "student": student_path})
+    except ValueError:  # an unreadable student is the student loader's error to report
+        return None
+    if problem:
+        problem = (f"control_net_name: {problem}; the two files come from different exports (a run stopped while "
+                   f"exporting?): export again, or load the student written with this ControlNet")
+        log.warning("%s", problem)
+    return problem
 
 
 def _timestep(meta: dict) -> int:
@@ -98,6 +136,7 @@ class ControlNetLoader(io.ComfyNode):
     def execute(cls, control_net_name, expected_base="") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("controlnet", control_net_name)
         meta = check_controlnet_file(path, expected_base or "")
+        warn_if_mixed_export(path, meta)
         controlnet = comfy.controlnet.load_controlnet(path)
         if controlnet is None:
             raise ValueError(f"control_net_name: ComfyUI could not build a ControlNet from {path}")

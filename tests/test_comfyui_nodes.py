@@ -169,17 +169,25 @@ def _guide(guider, model, seed=0, steps=2):
 def test_decoupled_cfg_with_b_equal_a_is_cfg_guider(cui):
     import comfy.samplers
 
+    eps, w, steps = torch.finfo(torch.float32).eps, 4.0, 2
     model = _load_model(cui)
     pos, neg = [[_text(6), {}]], [[_text(7), {}]]
     ref = comfy.samplers.CFGGuider(model)
     ref.set_conds(pos, neg)
-    ref.set_cfg(4.0)
+    ref.set_cfg(w)
     node = _node(cui, "JDM_DecoupledCFGGuider")
-    same = node.execute(model, pos, neg, 4.0).result[0]
-    explicit = node.execute(model, pos, neg, 4.0, model_b=model, positive_b=None).result[0]
-    r = _guide(ref, model)
-    torch.testing.assert_close(_guide(same, model), r, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_guide(explicit, model), r, rtol=1e-5, atol=1e-5)
+    same = node.execute(model, pos, neg, w).result[0]
+    explicit = node.execute(model, pos, neg, w, model_b=model, positive_b=None).result[0]
+    r = _guide(ref, model, steps=steps)
+    # The same cond / uncond x0s through two float32 formulas: core's uncond + w (cond - uncond) and
+    # ours cond + (w - 1)(cond - uncond). Each rounds a few times (say 4) on terms up to
+    # |cond| + w |cond - uncond| <= (2w + 1) max|x0|, so one step's guided x0s differ by at most
+    # 2 * 4 * eps * (2w + 1) max|x0|. An Euler step moves x by at most that difference and the
+    # last step returns its x0 (max|x0| ~ max|r|), so `steps` steps add one such error each. A
+    # fixed 1e-5 was below this bound (3.1e-5 was seen with torch 2.14); a wrong formula is O(1).
+    tol = steps * 2 * 4 * eps * (2 * w + 1) * r.abs().max().item()
+    torch.testing.assert_close(_guide(same, model, steps=steps), r, rtol=0, atol=tol)
+    torch.testing.assert_close(_guide(explicit, model, steps=steps), r, rtol=0, atol=tol)
     # a second ModelPatcher of the same file takes the two-model path: same numbers
     twin = node.execute(model, pos, neg, 4.0, model_b=_load_model(cui)).result[0]
     torch.testing.assert_close(_guide(twin, model), r, rtol=1e-4, atol=1e-4)
@@ -232,6 +240,9 @@ def test_user_errors_name_the_input(cui):
         (base / "models" / "unet" / "other.safetensors").read_bytes())
     with pytest.raises(ValueError, match="not a ControlNet: found a full checkpoint or UNet"):
         loader.execute("not_a_controlnet.safetensors")
+    (base / "models" / "controlnet" / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^control_net_name: .*empty\.safetensors \(0 bytes\) is not a readable"):
+        loader.execute("empty.safetensors")
 
 
 @pytest.mark.parametrize("name,node,params", [
@@ -249,20 +260,35 @@ def test_preprocessor_nodes_equal_the_core_extractors(cui, name, node, params):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_hed_preprocessor_node_equals_the_core_extractor(cui, tmp_path):
-    """HED with random weights in the real ControlNetHED layout (a path as the `weights` widget)."""
+def test_hed_preprocessor_node_reads_only_the_annotator_folders(cui, tmp_path):
+    """HED with random weights in the real ControlNetHED layout, picked from models/annotators;
+    a path anywhere else is refused with one message, whether or not the file exists."""
+    import folder_paths
     from safetensors.torch import save_file
 
     from jdm_train import extractors
     from jdm_train.extractors.hed import HEDNetwork
 
+    _, base = cui
+    annotators = base / "models" / "annotators"
+    annotators.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("annotators", str(annotators))
     torch.manual_seed(0)
-    weights = tmp_path / "ControlNetHED.safetensors"
+    weights = annotators / "jdm_test_hed.safetensors"
     save_file(HEDNetwork().state_dict(), str(weights))
+    outside = tmp_path / "ControlNetHED.safetensors"
+    save_file(HEDNetwork().state_dict(), str(outside))
+    node = _node(cui, "JDM_HEDPreprocessor")
+    spec = node.GET_NODE_INFO_V1()["input"]["required"]["weights"]
+    assert spec[0] == "COMBO" and spec[1]["default"] == "ControlNetHED.pth"
+    assert {"ControlNetHED.pth", "jdm_test_hed.safetensors"} <= set(spec[1]["options"])
     img = torch.rand(1, 32, 40, 3, generator=torch.Generator().manual_seed(3))
-    out, control = _node(cui, "JDM_HEDPreprocessor").execute(img, safe=False, weights=str(weights)).result
+    out, control = node.execute(img, safe=False, weights="jdm_test_hed.safetensors").result
     ref = extractors.run_extractor("hed", img.movedim(-1, 1), weights=str(weights)).movedim(1, -1)
     assert control == "hed" and out.shape == (1, 32, 40, 3)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name in (str(outside), "/etc/passwd", "/etc/no-such-file", "../../x"):
+        with pytest.raises(ValueError, match=r"^weights: .* is not a name in the annotator folders"):
+            node.execute(img, safe=False, weights=name)
     with pytest.raises(FileNotFoundError, match="ControlNetHED"):
-        _node(cui, "JDM_HEDPreprocessor").execute(img, safe=False, weights=str(tmp_path / "missing" / "ControlNetHED.pth"))
+        node.execute(img, safe=False, weights="missing/ControlNetHED.pth")

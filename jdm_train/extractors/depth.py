@@ -12,20 +12,20 @@ The whole path is differentiable: `soft` is `extract` with gradients.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .base import Extractor, Param, check_images, to_hint
-from .weights import cached, find_annotator
+from .weights import AnnotatorFiles, cached, find_annotator
 
 DEPTH_FOLDERS = ("dpt-hybrid-midas", "Intel/dpt-hybrid-midas", "depth-anything-small-hf", "Depth-Anything-V2-Small-hf")
 DEPTH_HOW_TO_GET = (
     "Put a transformers depth model folder (config.json + model.safetensors [+ preprocessor_config.json]), "
     "e.g. https://huggingface.co/Intel/dpt-hybrid-midas, into ComfyUI/models/annotators/dpt-hybrid-midas/."
 )
+DEPTH_MODEL = AnnotatorFiles("model", DEPTH_FOLDERS, is_dir=True, what="depth model folder", how_to_get=DEPTH_HOW_TO_GET)
 
 
 def _preprocessor(folder: Path) -> dict:
@@ -103,6 +103,8 @@ class Depth(Extractor):
     name = "depth"
     distance = "l1"
     extract_is_differentiable = True
+    #: the model folder a ComfyUI node offers as a list of the annotator folders' model folders
+    ANNOTATOR = DEPTH_MODEL
     PARAMS = (
         Param("resolution", 0, 0, 2048, 32, tooltip="model input size; 0 = the model's own (384 for DPT)"),
         Param("model", DEPTH_FOLDERS[0], tooltip="folder name or path of a transformers depth model", widget=False),
@@ -113,9 +115,8 @@ class Depth(Extractor):
     def model_path(self) -> Path:
         """Resolve the model folder (raises MissingWeightsError listing where it looked)."""
         name = self.params["model"]
-        names = list(DEPTH_FOLDERS) if name == DEPTH_FOLDERS[0] else [name]
-        path = find_annotator(names, is_dir=True, what="depth model folder", how_to_get=DEPTH_HOW_TO_GET,
-                              comfyui_root=self.params["comfyui_root"] or None)
+        path = find_annotator(DEPTH_MODEL.candidates(name), is_dir=True, what=DEPTH_MODEL.what,
+                              how_to_get=DEPTH_MODEL.how_to_get, comfyui_root=self.params["comfyui_root"] or None)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a transformers model folder: no config.json")
         return path

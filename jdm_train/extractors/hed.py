@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Extractor, Param, check_images, to_hint
-from .weights import cached, find_annotator, load_state_dict
+from .weights import AnnotatorFiles, cached, find_annotator, load_state_dict
 
 #: (output channels, conv layers) of block1..block5 in ControlNetHED.pth
 HED_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -32,6 +32,7 @@ HED_HOW_TO_GET = (
     "Download ControlNetHED.pth from https://huggingface.co/lllyasviel/Annotators "
     "(or a .safetensors conversion) into ComfyUI/models/annotators/."
 )
+HED_WEIGHTS = AnnotatorFiles("weights", HED_FILES, is_dir=False, what="HED weights", how_to_get=HED_HOW_TO_GET)
 
 
 class DoubleConvBlock(nn.Module):
@@ -117,6 +118,8 @@ class HED(Extractor):
     name = "hed"
     distance = "bce"
     extract_is_differentiable = True
+    #: the weight file a ComfyUI node offers as a list of the annotator folders' files
+    ANNOTATOR = HED_WEIGHTS
     PARAMS = (
         Param("safe", False, tooltip="quantise the edge map as ControlNet's 'safe' HED (exact face only)"),
         Param("weights", HED_FILES[0], tooltip="file name or path of ControlNetHED.pth / .safetensors", widget=False),
@@ -128,7 +131,7 @@ class HED(Extractor):
         """Resolve the weight file (raises MissingWeightsError listing where it looked)."""
         name = self.params["weights"]
         names = [name] if name not in HED_FILES else list(HED_FILES)
-        return find_annotator(names, is_dir=False, what="HED weights", how_to_get=HED_HOW_TO_GET,
+        return find_annotator(names, is_dir=False, what=HED_WEIGHTS.what, how_to_get=HED_WEIGHTS.how_to_get,
                               comfyui_root=self.params["comfyui_root"] or None)
 
     def network(self, like: torch.Tensor) -> HEDNetwork:

@@ -1,16 +1,22 @@
 """Finding and caching annotator weights where ComfyUI users keep them.
 
-Search order: an explicit path; `models_dir`; every ComfyUI root's `models/annotators/`
-(and its `extra_model_paths.yaml` entries, via `model_io`); comfyui_controlnet_aux's
-`custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotators/`; `$AUX_ANNOTATOR_CKPTS_PATH`
-(and its `lllyasviel/Annotators/`); `./models/annotators/` of the working directory.
+Search order of the trainer (`find_annotator`): an explicit path; `models_dir`; every ComfyUI
+root's `models/annotators/` (and its `extra_model_paths.yaml` entries, via `model_io`);
+comfyui_controlnet_aux's `custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotators/`;
+`$AUX_ANNOTATOR_CKPTS_PATH` (and its `lllyasviel/Annotators/`); `./models/annotators/` of the
+working directory.
+
+Names typed into a ComfyUI node are never paths: `list_annotators` offers what the annotator
+folders hold and `resolve_node_annotator` finds a name only inside them, so a node reads no
+other file on the server, and its refusal does not depend on whether an outside file exists.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -24,17 +30,93 @@ class MissingWeightsError(FileNotFoundError):
     """Annotator weights were not found; the message lists where we looked and what to get."""
 
 
+@dataclass(frozen=True)
+class AnnotatorFiles:
+    """The annotator weights an extractor reads: the parameter naming them, the accepted names
+    (the first is the default and stands for all of them), a file or a model folder, and what to
+    tell a user who lacks them."""
+
+    param: str
+    names: tuple[str, ...]
+    is_dir: bool
+    what: str
+    how_to_get: str
+
+    def candidates(self, name: str) -> list[str]:
+        return list(self.names) if name == self.names[0] else [name]
+
+
+#: Suffixes of annotator weight files offered by `list_annotators`.
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def controlnet_aux_dirs(custom_nodes_dirs: Iterable[str | os.PathLike]) -> list[Path]:
+    """comfyui_controlnet_aux's weight folders: under each custom_nodes folder, and `$AUX_ANNOTATOR_CKPTS_PATH`."""
+    dirs = [Path(d) / "comfyui_controlnet_aux" / "ckpts" / "lllyasviel" / "Annotators" for d in custom_nodes_dirs]
+    aux = os.environ.get("AUX_ANNOTATOR_CKPTS_PATH")
+    if aux:
+        dirs += [Path(aux).expanduser() / "lllyasviel" / "Annotators", Path(aux).expanduser()]
+    return dirs
+
+
 def annotator_dirs(comfyui_root: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched for annotator weights, in order."""
     dirs: list[Path] = [Path(models_dir).expanduser()] if models_dir else []
     dirs += model_search_dirs("annotators", comfyui_root)
-    for root in comfyui_roots(comfyui_root):
-        dirs.append(root / "custom_nodes" / "comfyui_controlnet_aux" / "ckpts" / "lllyasviel" / "Annotators")
-    aux = os.environ.get("AUX_ANNOTATOR_CKPTS_PATH")
-    if aux:
-        dirs += [Path(aux).expanduser() / "lllyasviel" / "Annotators", Path(aux).expanduser()]
+    dirs += controlnet_aux_dirs(root / "custom_nodes" for root in comfyui_roots(comfyui_root))
     dirs.append(Path.cwd() / "models" / "annotators")
     return list(dict.fromkeys(dirs))
+
+
+def list_annotators(files: AnnotatorFiles, dirs: Sequence[str | os.PathLike], max_depth: int = 4) -> list[str]:
+    """What a node offers for `files`: the default name first, then the names ('/'-separated,
+    relative to one of `dirs`) of the weight files, or model folders (holding a config.json),
+    found there. Files inside model folders are not offered as weight files."""
+    found: set[str] = set()
+    for d in dirs:
+        base = Path(d)
+        if not base.is_dir():
+            continue
+        for here, subdirs, names in os.walk(base, followlinks=True):
+            rel = Path(here).relative_to(base)
+            if "config.json" in names and rel.parts:
+                if files.is_dir:
+                    found.add(rel.as_posix())
+                subdirs.clear()
+                continue
+            subdirs[:] = [s for s in subdirs if not s.startswith(".")] if len(rel.parts) < max_depth else []
+            if not files.is_dir:
+                found.update((rel / n).as_posix() for n in names if n.lower().endswith(WEIGHT_SUFFIXES))
+    return [files.names[0]] + sorted(found - {files.names[0]})
+
+
+def _plain_name(name: str) -> bool:
+    """A relative name without '..', '~' or a drive: it cannot leave the folder it is joined to."""
+    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
+    return bool(name.strip()) and not (posix.anchor or windows.anchor or windows.drive or ".." in posix.parts
+                                       or name.startswith("~") or "\0" in name)
+
+
+def resolve_node_annotator(files: AnnotatorFiles, name: str, dirs: Sequence[str | os.PathLike]) -> Path:
+    """The annotator file (or folder) a node named, found only inside `dirs`.
+
+    `name` is a name relative to one of `dirs` (as `list_annotators` offers), never a path:
+    absolute paths, '..' and '~' are refused before anything is looked up, with the same
+    message whether or not such a file exists. A name not found there raises
+    MissingWeightsError listing the folders and what to download."""
+    folders = "\n  ".join(str(d) for d in dirs)
+    if not isinstance(name, str) or not _plain_name(name):
+        raise ValueError(f"{files.param}: {name!r} is not a name in the annotator folders; pick one of the files "
+                         f"offered (found in:\n  {folders})")
+    exists = Path.is_dir if files.is_dir else Path.is_file
+    for d in dirs:
+        base = Path(os.path.normpath(os.path.abspath(d)))
+        for n in files.candidates(name):
+            cand = Path(os.path.normpath(base / n))
+            if base in cand.parents and exists(cand):
+                return cand
+    raise MissingWeightsError(f"{files.param}: {files.what} {name!r} not found. Looked in:\n  {folders}\n"
+                              f"{files.how_to_get}")
 
 
 def find_annotator(

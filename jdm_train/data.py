@@ -32,6 +32,8 @@ class FolderStats:
     images: int = 0
     skipped_unreadable: list[str] = field(default_factory=list)
     skipped_uncaptioned: list[str] = field(default_factory=list)
+    #: kept, but trained as if the prompt were empty: usually a captioning step that failed
+    empty_captions: list[str] = field(default_factory=list)
 
 
 def _read_metadata_jsonl(path: Path) -> dict[str, str]:
@@ -66,8 +68,9 @@ def load_image(path: Path, resolution: int) -> Tensor:
 class CaptionedImageFolder(torch.utils.data.Dataset):
     """Images + captions from `root`; items are `{"image": (3, R, R) in [0, 1], "caption": str}`.
 
-    Unreadable images are skipped and counted (`stats`), never a crash; an empty folder or
-    one without any caption is a ValueError naming the folder.
+    Unreadable images are skipped and counted (`stats`), never a crash; empty captions are kept,
+    counted and warned about; an empty folder or one without any caption is a ValueError naming
+    the folder.
     """
 
     def __init__(self, root: str | Path, resolution: int = 512):
@@ -95,6 +98,8 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
             if not self._readable(path):
                 self.stats.skipped_unreadable.append(rel)
                 continue
+            if not caption.strip():
+                self.stats.empty_captions.append(rel)
             self.items.append((path, caption))
         self.stats.images = len(self.items)
         if not self.items:
@@ -106,6 +111,10 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
         if self.stats.skipped_unreadable or self.stats.skipped_uncaptioned:
             log.warning("%s: skipped %d unreadable and %d uncaptioned images", self.root,
                         len(self.stats.skipped_unreadable), len(self.stats.skipped_uncaptioned))
+        if self.stats.empty_captions:
+            shown = ", ".join(self.stats.empty_captions[:3]) + (", ..." if len(self.stats.empty_captions) > 3 else "")
+            log.warning("%s: %d of %d images have an empty caption (%s); they train as if the prompt were empty",
+                        self.root, len(self.stats.empty_captions), len(self.items), shown)
 
     @staticmethod
     def _readable(path: Path) -> bool:

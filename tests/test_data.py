@@ -73,3 +73,17 @@ def test_batch_order_is_deterministic_covers_epochs_and_shards():
     r0, r1 = BatchOrder(8, 2, seed=0, rank=0, world_size=2), BatchOrder(8, 2, seed=0, rank=1, world_size=2)
     both = sum((r0.indices(b) + r1.indices(b) for b in range(2)), [])
     assert sorted(both) == list(range(8))
+
+
+def test_empty_captions_are_kept_counted_and_warned_about(tmp_path, caplog):
+    for name, caption in [("a", "a cat"), ("b", ""), ("c", "  \n"), ("d", "a dog")]:
+        _image(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption)
+    (tmp_path / "sub").mkdir()
+    _image(tmp_path / "sub" / "e.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "sub/e.png", "text": ""}))
+    with caplog.at_level("WARNING", logger="jdm_train.data"):
+        ds = CaptionedImageFolder(tmp_path, resolution=8)
+    assert len(ds) == 5
+    assert ds.stats.empty_captions == ["b.png", "c.png", "sub/e.png"]
+    assert "3 of 5 images have an empty caption (b.png, c.png, sub/e.png)" in caplog.text

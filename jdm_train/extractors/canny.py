@@ -20,6 +20,7 @@ import math
 from contextlib import contextmanager
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,10 +48,11 @@ def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """
     c = images.shape[1]
     q = (images.float() * 255).clamp_(0, 255).round_()  # 255 x in float32, as the OpenCV path converts
-    # The Sobel of 8-bit integers is an integer below 1021 in magnitude. In float64 every
-    # convolution algorithm (cuDNN's FFT and Winograd ones included) lands well within 0.5 of
-    # it, and TF32 never applies; MPS has no float64, and its float32 has no TF32 either.
-    wide = torch.float32 if images.device.type == "mps" else torch.float64
+    # The Sobel of 8-bit integers is an integer below 1021 in magnitude, exact in float32 when the
+    # convolution sums the products directly, as PyTorch's CPU convolutions do (MPS has no TF32).
+    # cuDNN may pick FFT or Winograd algorithms and TF32 inputs: in float64 those land well within
+    # 0.5 of the integer, and TF32 never applies.
+    wide = torch.float32 if images.device.type in ("cpu", "mps") else torch.float64
     g = kornia.filters.spatial_gradient(q.to(wide), mode="sobel", normalized=False).round_().to(torch.int16)
     dx, dy = g[:, :, 0], g[:, :, 1]
     mag = dx.abs()
@@ -173,7 +175,10 @@ def _canny_opencv(cv2, images: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         if cv2.minMaxLoc(img.view(h, w * c).numpy())[0] < 0:
             img = img.clamp_min(0)
         cv2.Canny(cv2.convertScaleAbs(img.numpy(), alpha=255), lo, hi, edges=edges[i])
-    return out.bool()
+        # 255 -> 1 in place, so the bytes are valid bools: no second tensor, and no torch
+        # op, whose thread pool costs more than the pass itself on a busy machine
+        np.minimum(edges[i], 1, out=edges[i])
+    return out.view(torch.bool)
 
 
 @contextmanager

@@ -56,8 +56,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("reward", str, None, "Differentiable reward MODULE:FUNCTION taking images BCHW in [0,1] and prompts, "
                           "returning (B,) (JDM Eq. 9)."),
     ("fidelity_weight", float, None, "Weight of the fidelity (distribution-matching) term."),
-    ("condition_weight", float, None, "Weight of the condition term grad log p(c|x_t)."),
-    ("condition_tau", float, None, "Temperature tau of log p(c|x) = -d(h(x), c)/tau."),
+    ("condition_weight", float, None, "Weight of the condition term grad log p(c|x_t) (1 = Eq. 5)."),
+    ("condition_tau", float, None, "Per-pixel temperature tau of log p(c|x) = -sum_pixels d(h(x), c) / tau."),
     ("condition_t_max", int, None, "Apply the condition term only at diffusion timesteps t <= this (999: always, "
                                    "as Eq. 5); near t=999 the consistency model's x0 is a blur."),
     ("condition_weighting", str, CONDITION_WEIGHTINGS, "Timestep weighting of the condition term: eq5 shares "
@@ -69,6 +69,10 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("reward_weight", float, None, "Weight of the reward term."),
     ("gan_weight", float, None, "Weight of the generator's GAN term (needs a discriminator; 0 = off)."),
     ("consistency_weight", float, None, "Weight of the consistency-LoRA loss (JDM Eq. 8)."),
+    ("consistency_points", int, None, "Points of the consistency-training discretisation from t=0 (the boundary "
+                                      "f(x, 0) = x) to 999, Karras rho=7 spacing (CT/iCT)."),
+    ("consistency_ema", float, None, "EMA decay of the consistency LoRA that gives the stop-gradient target "
+                                     "f^- of Eq. 8 (0 = the online weights, detached)."),
     ("fake_updates_per_step", int, None, "Fake-score/consistency/discriminator updates per generator update."),
     ("student_lora_rank", int, None, "Rank of the student's LoRA on the frozen base (0 = full student weights)."),
     ("fake_lora_rank", int, None, "Rank of the fake score's LoRA on the frozen base (0 = full weights)."),
@@ -86,7 +90,9 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                                            "through the noisy distillation gradient only with momentum."),
     ("adam_beta2", float, None, "AdamW beta2 of every optimizer."),
     ("weight_decay", float, None, "AdamW weight decay."),
-    ("max_grad_norm", float, None, "Gradient-norm clip (0 = off)."),
+    ("max_grad_norm", float, None, "Absolute gradient-norm clip of every optimiser (0 = off)."),
+    ("clip_outliers", float, None, "Clip a player's gradient norm at this multiple of the median of its last 100 "
+                                   "norms (after 10 steps; 0 = off): clips outliers, not every step."),
     ("ema_decay", float, None, "Exponential moving average of the generator (student and ControlNet) with this "
                                "decay; previews and exports use the average (0 = off, the last weights)."),
     ("mixed_precision", str, MIXED_PRECISION, "Autocast precision (accelerate)."),

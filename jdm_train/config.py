@@ -20,6 +20,13 @@ PHASES = ("joint", "extend")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COND_DECODERS = ("vae", "taesd")
 CONDITION_WEIGHTINGS = ("eq5", "snr", "x0")  # as losses.CONDITION_WEIGHTINGS
+#: The keys that define the objective. They have one default for every model: `--ckpt demo`
+#: may not change them (jdm_train.demo.TRAIN_DEFAULTS), so what is measured on the demo is what
+#: an SD1.5 user runs.
+OBJECTIVE_KEYS = ("objective", "divergence", "fidelity_weight", "condition_weight", "condition_tau",
+                  "condition_t_max", "condition_weighting", "control_dropout", "reward_weight", "gan_weight",
+                  "consistency_weight", "consistency_points", "consistency_ema", "t_min", "t_max",
+                  "generator_timestep", "max_grad_norm", "clip_outliers")
 
 
 @dataclass
@@ -53,15 +60,18 @@ class TrainConfig:
     negative_prompt: str = ""
     reward: str | None = None
     fidelity_weight: float = 1.0
+    # One set for every model (docs/method.md says why they transfer from the demo to SD1.5 at 512 px).
     condition_weight: float = 1.0
-    condition_tau: float = 0.1
+    condition_tau: float = 4.0
     condition_t_max: int = 999
-    condition_weighting: str = "eq5"
-    control_dropout: float = 0.0
+    condition_weighting: str = "snr"
+    control_dropout: float = 0.3
     ema_decay: float = 0.0
     reward_weight: float = 1.0
     gan_weight: float = 0.0
     consistency_weight: float = 1.0
+    consistency_points: int = 40
+    consistency_ema: float = 0.95
     fake_updates_per_step: int = 1
     # models' parametrisation
     student_lora_rank: int = 0
@@ -79,7 +89,8 @@ class TrainConfig:
     adam_beta1_controlnet: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.0
+    clip_outliers: float = 5.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -120,6 +131,10 @@ class TrainConfig:
             bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
+        if self.consistency_points < 2:
+            bad("consistency_points", self.consistency_points, "an integer >= 2")
+        if not 0 <= self.consistency_ema < 1:
+            bad("consistency_ema", self.consistency_ema, "a number in [0, 1)")
         if not 0 <= self.control_dropout < 1:
             bad("control_dropout", self.control_dropout, "a number in [0, 1)")
         if not 0 <= self.generator_timestep <= 999:
@@ -131,7 +146,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 bad(name, getattr(self, name), "a positive number")
         for name in ("fidelity_weight", "condition_weight", "reward_weight", "gan_weight", "consistency_weight",
-                     "weight_decay", "max_grad_norm"):
+                     "weight_decay", "max_grad_norm", "clip_outliers"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "a number >= 0")
         for name in ("adam_beta1", "adam_beta1_controlnet", "adam_beta2"):

@@ -244,6 +244,7 @@ def generator_direction(
     condition_t_max: int = 999,
     condition_weighting: str = "eq5",
     condition_mask: Tensor | None = None,
+    exact_condition: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The summed JDM direction g on the student output x (B, ...) of one generator step
     (JDM Eq. 5 / 9 / 10 with f-distill weighting; ALGORITHM steps 2-8). Detached.
@@ -268,6 +269,8 @@ def generator_direction(
     the gradient with respect to x0, with no lambda_t and no DMD normalisation.
     `condition_mask` (B,) bool: False for samples whose control was dropped (`--control-dropout`,
     ours), which then get no condition term, only fidelity.
+    `exact_condition(x_t, t) -> (B,)`: log p(c|x_t) itself, where it is known in closed form (the
+    analytic world, `toy.py`); it replaces the consistency-model estimate, the referee of that estimate.
     """
     if condition_weighting not in CONDITION_WEIGHTINGS:
         raise ValueError(f"condition_weighting must be one of {CONDITION_WEIGHTINGS}, got {condition_weighting!r}")
@@ -298,6 +301,9 @@ def generator_direction(
     keep = t <= condition_t_max
     if condition_mask is not None:
         keep = keep & condition_mask.to(keep.device, torch.bool)
+    if exact_condition is not None:
+        consistency_denoise, decode = (lambda v, tt, c: v), None
+        log_likelihood = lambda v: exact_condition(v, t)  # noqa: E731
     if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
         # A batch with no sample kept (t above condition_t_max, or control dropped) skips the consistency/decoder pass.
         g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
@@ -359,8 +365,31 @@ def fake_score_loss(
     return loss, _logs(fake_score_loss=loss)
 
 
+def consistency_timesteps(points: int, schedule: NoiseSchedule, t_max: int = 999, rho: float = 7.0) -> Tensor:
+    """The consistency-training discretisation `0 = t_0 < t_1 < ... < t_N <= t_max` (long, (N + 1,)).
+
+    Karras et al.'s rho = 7 spacing (as in CT and iCT, Song et al. 2023/2024) of the VE sigma
+    `sqrt((1 - abar) / abar)` from t = 0 to t_max, rounded to the nearest distinct DDPM timestep:
+    dense at small noise, where a sample changes fastest with t. `points` asks for N + 1 points;
+    rounding may merge a few at the low end.
+    """
+    if points < 2:
+        raise ValueError(f"the consistency discretisation needs at least 2 points, got {points}")
+    ends = torch.tensor([0, t_max])
+    lo, hi = (schedule.sigma_ve(ends) ** (1 / rho)).tolist()
+    sigmas = (lo + torch.linspace(0, 1, points, dtype=torch.float64) * (hi - lo)) ** rho
+    return torch.unique(schedule.timestep_from_sigma_ve(sigmas))
+
+
+def consistency_pairs(n: int, timesteps: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """`(t_k, t_{k-1})` (B,) each for k ~ U{1..N} over the discretisation `timesteps` (as CT's Alg. 3)."""
+    k = torch.randint(1, timesteps.numel(), (n,), generator=generator, device=timesteps.device)
+    return timesteps[k], timesteps[k - 1]
+
+
 def consistency_loss(
     consistency_denoise: Denoiser,
+    target_denoise: Denoiser,
     x: Tensor,
     eps: Tensor,
     t: Tensor,
@@ -368,16 +397,26 @@ def consistency_loss(
     schedule: NoiseSchedule,
     cond: Any = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Consistency training of the LoRA (JDM Eq. 8): `|| f(x_{t_k}, t_k) - sg f(x_{t_{k-1}}, t_{k-1}) ||^2`,
-    both points from the same sg(x) (B, ...) and eps, `t = t_k > t_prev = t_{k-1}` (B,). Mean over elements."""
+    """Consistency training of the LoRA (JDM Eq. 8; Song et al. 2023, Alg. 3):
+    `|| f(x_{t_k}, t_k) - sg f^-(x_{t_{k-1}}, t_{k-1}) ||^2`, both points from the same sg(x) (B, ...) and
+    eps, `t = t_k > t_prev = t_{k-1}` (B,). Mean over elements.
+
+    `target_denoise` is f^-, the stop-gradient target: an EMA of the consistency LoRA, not the online
+    network. At `t_prev == 0` the target is the boundary condition `f(x_{t_0}, t_0) = x_{t_0} / alpha_0`
+    (the identity up to the schedule's scale), not a network: without an anchor the loss is zero for
+    any constant f.
+    """
     if not bool((t > t_prev).all()):
         raise ValueError("consistency_loss needs t > t_prev for every sample (t_k > t_{k-1}, Eq. 8)")
     x = x.detach()
     with torch.no_grad():
-        target = consistency_denoise(schedule.add_noise(x, eps, t_prev), t_prev, cond)
+        x_prev = schedule.add_noise(x, eps, t_prev)
+        alpha0, _ = schedule.alpha_sigma(t_prev, x)
+        boundary = _per_sample(t_prev == 0, x)
+        target = torch.where(boundary, x_prev / alpha0, target_denoise(x_prev, t_prev, cond))
     pred = consistency_denoise(schedule.add_noise(x, eps, t), t, cond)
     loss = F.mse_loss(_upcast(pred), _upcast(target))
-    return loss, _logs(consistency_loss=loss)
+    return loss, _logs(consistency_loss=loss, consistency_boundary_share=boundary.float())
 
 
 def dsm_controlnet_loss(

@@ -5,7 +5,9 @@ x0 = E[x | x_t] are closed-form for every t on the SD schedule, so the teacher i
 Control: a discrete c with a known classifier p(c|x) = softmax(beta * u_k . x) (three angular
 sectors) that the teacher does not know; p(x|c) ∝ p(c|x) p(x) is sampled exactly by rejection.
 
-The toy trainer runs the objective of `jdm_train.losses` exactly as the SD trainer does:
+The toy trainer runs the objective of `jdm_train.losses` as the SD trainer does (same loss
+functions; the toy takes two fake-score updates per generator update and fits the fake score
+on t in [0, 999]):
 a student `G(z, c)`, a fake score initialised to the teacher (teacher + zero-initialised MLP
 correction), a consistency model = the fake score with a peft LoRA on its `nn.Linear` layers,
 and a discriminator head on the fake score's hidden features, with alternating
@@ -29,6 +31,7 @@ from jdm_train import losses
 from jdm_train.schedule import NoiseSchedule
 
 METHODS = ("jdm", "vsd", "dsm")
+CONDITIONS = ("estimate", "exact")  # grad log p(c|x_t) through the consistency model, or in closed form
 # The toy's condition temperature (the role tau plays for image extractors): Eq. 5's weight 1 with a
 # single consistency sample through a c-blind fake score over-pushes samples (see bench/toy.py --sweep).
 TOY_CONDITION_WEIGHT = 0.03
@@ -63,6 +66,26 @@ class ToyWorld:
     def log_p_c_given_x(self, x: Tensor, c: Tensor) -> Tensor:
         """log p(c|x) (n,) for integer c (n,): the known, differentiable condition likelihood."""
         return torch.log_softmax(self.condition_logits(x), dim=1).gather(1, c.long()[:, None]).squeeze(1)
+
+    def log_p_c_given_x_t(self, x_t: Tensor, t: Tensor, c: Tensor, nodes: int = 12) -> Tensor:
+        """Exact log p(c|x_t) = log E_{x ~ p(x|x_t)} p(c|x) (n,), differentiable in x_t: the condition
+        term of Eq. 5 without any estimate. The posterior p(x|x_t) of the mixture is a mixture of
+        Gaussians (responsibilities, Tweedie means, variances s^2 sigma^2 / (alpha^2 s^2 + sigma^2));
+        the softmax's expectation under each is a `nodes` x `nodes` Gauss-Hermite quadrature."""
+        from numpy.polynomial.hermite_e import hermegauss
+
+        resp, diff, var = self._diffused(x_t, t)
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t)
+        s2 = self.stds.to(x_t) ** 2
+        mean = self.means.to(x_t) + (alpha * s2 / var)[:, :, None] * diff  # (B, K, 2)
+        std = (s2 * sigma**2 / var).sqrt()  # (B, K)
+        z, w = (torch.as_tensor(v, dtype=x_t.dtype) for v in hermegauss(nodes))
+        grid = torch.stack(torch.meshgrid(z, z, indexing="ij"), -1).reshape(-1, 2)  # (Q, 2)
+        weight = (w[:, None] * w[None, :]).reshape(-1) / (2 * math.pi)
+        x = mean[:, :, None, :] + std[:, :, None, None] * grid  # (B, K, Q, 2)
+        p_c = torch.softmax(self.condition_logits(x.reshape(-1, 2)), dim=1).reshape(*x.shape[:3], -1)
+        p_c = p_c.gather(3, c.long().reshape(-1, 1, 1, 1).expand(*x.shape[:3], 1)).squeeze(3)
+        return ((resp[:, :, None] * weight * p_c).sum((1, 2))).log()
 
     def sample_condition(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """c ~ p(c|x) (n,): the toy's condition extractor h."""
@@ -232,19 +255,27 @@ def train(
     lr_fake: float | None = 2e-3,
     seed: int = 0,
     fake_steps: int = 2,
-    consistency_gap: int = 20,
+    consistency_points: int = 40,
+    consistency_ema: float = 0.95,
     lora_rank: int = 8,
     condition_weight: float = TOY_CONDITION_WEIGHT,
+    condition: str = "estimate",
+    condition_weighting: str = "eq5",
     weighting: str = "dmd",
     callback=None,
 ) -> ToyRun:
     """Train a student with `method` in {"jdm", "vsd", "dsm"} exactly as the SD trainer alternates its
     steps: fake score (Eq. 6), consistency LoRA (Eq. 8), discriminator (GAN loss, f != rkl), then
     one generator step (Eq. 10 through `losses.generator_loss`; VSD: fidelity only; DSM: regression).
-    The fake score is fitted on t in [0, 999] because the consistency target reaches t_k - gap down to 0.
+    The consistency LoRA is trained as the SD trainer trains it (pairs on `consistency_points` Karras
+    points down to the boundary t = 0, an EMA target with decay `consistency_ema`); the fake score is
+    fitted on t in [0, 999]. `condition="exact"` replaces the consistency-model estimate of
+    grad log p(c|x_t) by the exact one (`ToyWorld.log_p_c_given_x_t`), the referee of the estimate.
     `callback(step, student, logs)` runs after every generator step of JDM / VSD."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     s = world.schedule
@@ -262,16 +293,30 @@ def train(
 
     fake = FakeScore(world)
     use_condition = method == "jdm"
-    lora = add_consistency_lora(fake, lora_rank) if use_condition else []
+    lora = add_consistency_lora(fake, lora_rank) if use_condition and condition == "estimate" else []
     lora_ids = {id(p) for p in lora}
     lr_fake = lr if lr_fake is None else lr_fake
     opt_f = torch.optim.Adam([p for p in fake.parameters() if id(p) not in lora_ids], lr=lr_fake, betas=(0.0, 0.99))
     opt_c = torch.optim.Adam(lora, lr=lr_fake, betas=(0.0, 0.99)) if lora else None
     use_disc = divergence != "rkl"
+    if lora:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(lora, decay=consistency_ema, foreach=True)
+        points = losses.consistency_timesteps(consistency_points, s)
 
     def consistency(x_t, t, cond=None):
         with lora_enabled(fake, True):
             return fake.denoise(x_t, t)
+
+    @torch.no_grad()
+    def consistency_target(x_t, t, cond=None):
+        ema.store(lora)
+        ema.copy_to(lora)
+        try:
+            return consistency(x_t, t)
+        finally:
+            ema.restore(lora)
 
     for step in range(steps):
         x_data, c = world.sample_joint(batch, gen)
@@ -293,20 +338,27 @@ def train(
             loss.backward()
             opt_f.step()
             if opt_c is not None:
-                t_k = losses.sample_timesteps(batch, consistency_gap, 999, generator=gen)
-                c_loss, clog = losses.consistency_loss(consistency, x, torch.randn(batch, 2, generator=gen), t_k, t_k - consistency_gap, s)
+                t_k, t_prev = losses.consistency_pairs(batch, points, gen)
+                c_loss, clog = losses.consistency_loss(consistency, consistency_target, x,
+                                                       torch.randn(batch, 2, generator=gen), t_k, t_prev, s)
                 opt_c.zero_grad(set_to_none=True)
                 opt_f.zero_grad(set_to_none=True)
                 c_loss.backward()
                 opt_c.step()
+                ema.step(lora)
                 flog.update(clog)
         x = student(torch.randn(batch, 2, generator=gen), c)
         t = losses.sample_timesteps(batch, generator=gen)
-        cond_terms = dict(consistency_denoise=consistency, log_likelihood=lambda img, c=c: world.log_p_c_given_x(img, c)) if use_condition else {}
+        cond_terms = {}
+        if use_condition and condition == "exact":
+            cond_terms = dict(exact_condition=lambda x_t, t, c=c: world.log_p_c_given_x_t(x_t, t, c))
+        elif use_condition:
+            cond_terms = dict(consistency_denoise=consistency, log_likelihood=lambda img, c=c: world.log_p_c_given_x(img, c))
         g_loss, glog = losses.generator_loss(
             x, t, torch.randn(batch, 2, generator=gen), s, world.denoise, fake.denoise,
             discriminator=fake.discriminator if use_disc else None, divergence=divergence,
-            weighting=weighting, condition_weight=condition_weight, **cond_terms,
+            weighting=weighting, condition_weight=condition_weight, condition_weighting=condition_weighting,
+            **cond_terms,
         )
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()

@@ -18,9 +18,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import statistics
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,12 +124,21 @@ class Trainer:
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
                                 acc.num_processes)
         self.optimizers = self._build_optimizers()
+        from diffusers.training_utils import EMAModel
+
         self.ema = None
         if config.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
             # diffusers' EMA with its warm-up min(decay, (1 + n) / (10 + n)): early averages are short.
             self.ema = EMAModel(self.generator_params(), decay=config.ema_decay, foreach=True)
+        self.consistency_ema = None
+        if config.objective == "jdm" and config.consistency_weight > 0:
+            # f^- of Eq. 8: an average of the consistency LoRA, so the target is not the online network.
+            self.consistency_ema = EMAModel(self.roles.groups["consistency"], decay=config.consistency_ema,
+                                            foreach=True)
+            self.consistency_timesteps = losses.consistency_timesteps(
+                config.consistency_points, self.schedule).to(self.device)
+        self.grad_norms: dict[str, list[float]] = {name: [] for name in self.optimizers}
+        self.clipped: dict[str, list[int]] = {name: [0, 0] for name in self.optimizers}  # clipped, applied
         log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
                  len(self.dataset))
 
@@ -394,13 +405,12 @@ class Trainer:
             fake_loss, logs = losses.fake_score_loss(roles.fake, x, eps, t, self.schedule, cond)
         self._backward(fake_loss * scale, self.roles.groups["fake"])
         total = fake_loss.detach()
-        if cfg.objective == "jdm" and cfg.consistency_weight > 0:
-            gap = min(20, cfg.t_max - cfg.t_min)  # t_k - t_{k-1} of the consistency discretisation
-            t_k = losses.sample_timesteps(n, cfg.t_min + gap, cfg.t_max, self.device, self.rng("cons_t", micro))
+        if self.consistency_ema is not None:
+            t_k, t_prev = losses.consistency_pairs(n, self.consistency_timesteps, self.rng("cons_t", micro))
             eps_c = self.randn(x.shape, "cons_eps", micro)
             with self.accelerator.autocast():
-                c_loss, c_logs = losses.consistency_loss(roles.consistency, x, eps_c, t_k, t_k - gap, self.schedule,
-                                                         cond)
+                c_loss, c_logs = losses.consistency_loss(roles.consistency, self.consistency_target, x, eps_c, t_k,
+                                                         t_prev, self.schedule, cond)
             self._backward(cfg.consistency_weight * c_loss * scale, self.roles.groups["consistency"])
             logs.update(c_logs)
             total = total + c_loss.detach()
@@ -423,6 +433,17 @@ class Trainer:
             logs.update(d_logs)
             total = total + d_loss.detach()
         return total, logs
+
+    @torch.no_grad()
+    def consistency_target(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """f^- of Eq. 8: the consistency model with the EMA of its LoRA swapped in."""
+        params = self.roles.groups["consistency"]
+        self.consistency_ema.store(params)
+        self.consistency_ema.copy_to(params)
+        try:
+            return self.roles.consistency(x_t, t, cond)
+        finally:
+            self.consistency_ema.restore(params)
 
     def _backward(self, loss: Tensor, params: list) -> None:
         self.accelerator.backward(loss, inputs=[p for p in params if p.requires_grad])
@@ -473,14 +494,34 @@ class Trainer:
         flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
 
-    def _apply(self, name: str) -> None:
+    def _apply(self, name: str) -> dict[str, float]:
         opt = self.optimizers[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         self._all_reduce_grads(params)
-        if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+        logs = self._clip(name, params)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return logs
+
+    def _clip(self, name: str, params: list) -> dict[str, float]:
+        """Clip outliers of one player's gradient norm (`--clip-outliers` times the median of its last 100
+        norms, `--max-grad-norm` at most). A fixed threshold far below the typical norm would rescale every
+        step, and the weighting across t would then only set ratios inside a step."""
+        cfg, history = self.config, self.grad_norms[name]
+        limit = float("inf")
+        if cfg.clip_outliers > 0 and len(history) >= 10:
+            limit = cfg.clip_outliers * statistics.median(history[-100:])
+        if cfg.max_grad_norm > 0:
+            limit = min(limit, cfg.max_grad_norm)
+        norm = float(self.accelerator.clip_grad_norm_(params, limit))
+        clipped = norm > limit
+        if math.isfinite(norm):
+            history.append(norm)
+            del history[:-100]
+        counts = self.clipped[name]
+        counts[0] += int(clipped)
+        counts[1] += 1
+        return {f"grad_norm_{name}": norm, f"clipped_share_{name}": counts[0] / counts[1]}
 
     def _zero(self) -> None:
         for opt in self.optimizers.values():
@@ -506,7 +547,7 @@ class Trainer:
             logs.update(glogs)
         if not self._finite(gen_total):
             return self._skip(logs)
-        self._apply("generator")
+        logs.update(self._apply("generator"))
         if self.ema is not None:
             self.ema.step(self.generator_params())
         if "fake" in self.optimizers:
@@ -521,7 +562,9 @@ class Trainer:
                     return self._skip(logs)
                 for name in ("fake", "discriminator"):
                     if name in self.optimizers:
-                        self._apply(name)
+                        logs.update(self._apply(name))
+                if self.consistency_ema is not None:
+                    self.consistency_ema.step(self.roles.groups["consistency"])
         self.nonfinite_run = 0
         logs["generator_loss"] = gen_total / cfg.gradient_accumulation_steps
         return {k: float(v) for k, v in logs.items()}
@@ -674,13 +717,13 @@ def save_checkpoint(trainer: Trainer) -> Path:
     if acc.is_main_process:
         model_io.save_state_dict(tmp / "trainable.safetensors", trainer.roles.trainable_state(),
                                  {"jdm.kind": "trainer_checkpoint", "jdm.config": trainer.config.to_json()})
-        if trainer.ema is not None:
-            # In the generator optimizer's parameter order; the step sets where the warm-up is.
-            model_io.save_state_dict(tmp / "ema.safetensors",
-                                     {f"{i:05d}": p for i, p in enumerate(trainer.ema.shadow_params)},
-                                     {"jdm.kind": "trainer_ema", "jdm.ema_step": str(trainer.ema.optimization_step)})
+        for file, (ema, _) in _emas(trainer).items():
+            # In the optimizer's parameter order; the step sets where the warm-up is.
+            model_io.save_state_dict(tmp / file, {f"{i:05d}": p for i, p in enumerate(ema.shadow_params)},
+                                     {"jdm.kind": "trainer_ema", "jdm.ema_step": str(ema.optimization_step)})
         state = {"step": trainer.step, "nonfinite_total": trainer.nonfinite_total, "config": trainer.config.to_dict(),
-                 "num_processes": acc.num_processes, "replica_digests": digests}
+                 "num_processes": acc.num_processes, "replica_digests": digests,
+                 "grad_norms": trainer.grad_norms, "clipped": trainer.clipped}
         _atomic_write_bytes(tmp / "trainer_state.json", json.dumps(state, indent=1, sort_keys=True).encode())
         # Re-saving a step (a resume from an older checkpoint): the old folder is moved aside, not
         # deleted, until the new one is in place.
@@ -704,24 +747,33 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     weights, _ = model_io.read_state_dict(path / "trainable.safetensors")
     trainer.roles.load_trainable_state({k: v.to(trainer.device) for k, v in weights.items()})
     trainer.accelerator.load_state(str(path))
-    if trainer.ema is not None:
-        _load_ema(trainer, path / "ema.safetensors")
+    for file, (ema, params) in _emas(trainer).items():
+        _load_ema(ema, params(), path / file)
+    trainer.grad_norms.update(state.get("grad_norms", {}))
+    trainer.clipped.update(state.get("clipped", {}))
     trainer.step = int(state["step"])
     trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
     log.info("resumed from %s at step %d", path, trainer.step)
 
 
-def _load_ema(trainer: Trainer, path: Path) -> None:
+def _emas(trainer: Trainer) -> dict:
+    """Checkpoint file -> EMAModel: the generator's average and the consistency target f^-."""
+    found = {"ema.safetensors": (trainer.ema, trainer.generator_params),
+             "consistency_ema.safetensors": (trainer.consistency_ema, lambda: trainer.roles.groups["consistency"])}
+    return {file: (ema, params) for file, (ema, params) in found.items() if ema is not None}
+
+
+def _load_ema(ema, params: list, path: Path) -> None:
     if not path.is_file():
-        log.warning("%s has no EMA weights (trained without --ema-decay); the EMA starts from the resumed weights", path.parent)
-        trainer.ema.shadow_params = [p.detach().clone() for p in trainer.generator_params()]
+        log.warning("%s has no %s; that average starts from the resumed weights", path.parent, path.name)
+        ema.shadow_params = [p.detach().clone() for p in params]
         return
     shadows, meta = model_io.read_state_dict(path)
-    if len(shadows) != len(trainer.ema.shadow_params):
-        raise ValueError(f"{path}: {len(shadows)} EMA tensors, the generator has {len(trainer.ema.shadow_params)}")
-    for i, s in enumerate(trainer.ema.shadow_params):
+    if len(shadows) != len(ema.shadow_params):
+        raise ValueError(f"{path}: {len(shadows)} EMA tensors, the model has {len(ema.shadow_params)}")
+    for i, s in enumerate(ema.shadow_params):
         s.copy_(shadows[f"{i:05d}"])
-    trainer.ema.optimization_step = int(meta["jdm.ema_step"])
+    ema.optimization_step = int(meta["jdm.ema_step"])
 
 
 # ---------------------------------------------------------------------- previews

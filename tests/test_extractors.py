@@ -300,7 +300,8 @@ def test_canny_bit_exact_on_adversarial_images(kind, backend):
 
 
 def test_balanced_bce_weighs_edge_and_background_pixels_half_each():
-    """Canny's condition distance: HED's class-balanced BCE equals the mean of the per-class mean BCEs."""
+    """Canny's condition distance: HED's class-balanced BCE, per pixel, averages to the mean of the
+    per-class mean BCEs (so its pixel sum is the pixel count times that)."""
     import torch.nn.functional as F
 
     from jdm_train.extractors.base import DISTANCES
@@ -312,7 +313,9 @@ def test_balanced_bce_weighs_edge_and_background_pixels_half_each():
     for i in range(2):
         pos, neg = bce[i][c[i] > 0.5], bce[i][c[i] < 0.5]
         expected = 0.5 * pos.mean() + 0.5 * neg.mean()
-        torch.testing.assert_close(DISTANCES["balanced_bce"](logits, c)[i], expected)
+        per_pixel = DISTANCES["balanced_bce"](logits, c)[i]
+        assert per_pixel.shape == c[i].shape
+        torch.testing.assert_close(per_pixel.mean(), expected)
     # no edges at all: plain BCE over the background
     blank = torch.zeros_like(c)
     torch.testing.assert_close(DISTANCES["balanced_bce"](logits, blank), DISTANCES["bce"](logits, blank))

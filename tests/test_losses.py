@@ -322,11 +322,11 @@ def test_consistency_loss_zero_for_a_consistent_map_and_trains_only_the_later_po
     x, eps, t = _batch(12)
     point = x[:1].clone()
     const = lambda v, tt, c: point.expand_as(v)  # noqa: E731  # consistent for data = delta(point)
-    loss, _ = losses.consistency_loss(const, point.expand_as(x), eps, t, t - 10, S)
+    loss, _ = losses.consistency_loss(const, const, point.expand_as(x), eps, t, t - 10, S)
     assert loss.item() == 0.0
     lin = torch.nn.Linear(18, 18).double()
     den = lambda v, tt, c: lin(v.flatten(1)).reshape(v.shape)  # noqa: E731
-    loss, _ = losses.consistency_loss(den, x, eps, t, t - 10, S)
+    loss, _ = losses.consistency_loss(den, den, x, eps, t, t - 10, S)
     x_k, x_p = S.add_noise(x, eps, t), S.add_noise(x, eps, t - 10)
     torch.testing.assert_close(loss, (den(x_k, t, None) - den(x_p, t - 10, None)).pow(2).mean())
     loss.backward()
@@ -335,7 +335,49 @@ def test_consistency_loss_zero_for_a_consistent_map_and_trains_only_the_later_po
     expected = 2 * diff.T @ x_k.flatten(1) / diff.numel()
     torch.testing.assert_close(lin.weight.grad, expected)
     with pytest.raises(ValueError, match="t > t_prev"):
-        losses.consistency_loss(den, x, eps, t, t, S)
+        losses.consistency_loss(den, den, x, eps, t, t, S)
+
+
+def test_consistency_loss_reaches_the_boundary_and_its_target_is_not_the_online_network():
+    """Eq. 8 as consistency training: at t_{k-1} = 0 the target is f(x_0, 0) = x_0 / alpha_0, whatever the
+    networks; elsewhere it is the target network f^-, never the online one. A constant f, which made the
+    old loss zero, now pays at the boundary."""
+    x, eps, _ = _batch(14)
+    t = torch.tensor([3, 3, 3, 500, 500, 500])
+    t_prev = torch.tensor([0, 0, 0, 400, 400, 400])
+    online_calls, target_calls = [], []
+
+    def online(v, tt, c):
+        online_calls.append(tt.clone())
+        return torch.zeros_like(v)  # a constant f
+
+    def target(v, tt, c):
+        target_calls.append(tt.clone())
+        return torch.full_like(v, 2.0)
+
+    loss, logs = losses.consistency_loss(online, target, x, eps, t, t_prev, S)
+    alpha0 = S.alphas_cumprod[0].sqrt().item()
+    boundary = S.add_noise(x[:3], eps[:3], t_prev[:3]) / alpha0
+    expected = torch.cat([boundary, torch.full_like(x[3:], 2.0)]).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+    assert loss.item() > 0.1
+    assert all(bool((tt == t).all()) for tt in online_calls)  # online network only at t_k
+    assert all(not bool((tt == t).all()) for tt in target_calls)
+    torch.testing.assert_close(logs["consistency_boundary_share"], torch.tensor(0.5))
+
+
+def test_consistency_discretisation_runs_from_the_boundary_to_999_in_karras_spacing():
+    ts = losses.consistency_timesteps(40, S)
+    assert ts[0].item() == 0 and ts[-1].item() == 999
+    assert bool((ts[1:] > ts[:-1]).all())
+    sig = S.sigma_ve(ts) ** (1 / 7)
+    steps = sig[1:] - sig[:-1]  # rho = 7: equal steps in sigma^(1/7), up to rounding to timesteps
+    assert steps[10:].max() < 1.6 * steps[10:].min()
+    g = torch.Generator().manual_seed(0)
+    t_k, t_prev = losses.consistency_pairs(4000, ts, g)
+    assert bool((t_k > t_prev).all()) and (t_prev == 0).any() and (t_k == 999).any()
+    index = torch.searchsorted(ts, t_k)
+    assert bool((ts[index - 1] == t_prev).all())  # neighbours on the grid
 
 
 def test_dsm_controlnet_loss_regresses_onto_data():

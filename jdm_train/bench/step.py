@@ -87,7 +87,8 @@ def model_passes(trainer) -> dict[str, callable]:
             inputs=roles.groups["fake"])
 
     def consistency_fwd_bwd():
-        losses.consistency_loss(roles.consistency, x, torch.randn_like(x), t, t - 20, sched, cond)[0].backward(
+        losses.consistency_loss(roles.consistency, trainer.consistency_target, x, torch.randn_like(x), t, t - 20, sched,
+                                cond)[0].backward(
             inputs=roles.groups["consistency"])
 
     def extract():

@@ -62,31 +62,32 @@ class Param:
 
 
 def _l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs().flatten(1).mean(1)
+    return (a - b).abs()
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).square().flatten(1).mean(1)
+    return (a - b).square()
 
 
 def _bce(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     # On logits: a confidently wrong pixel keeps its gradient where a saturated
     # probability would give none (and BCE on probabilities mis-differentiates there).
-    return F.binary_cross_entropy_with_logits(logits, c, reduction="none").flatten(1).mean(1)
+    return F.binary_cross_entropy_with_logits(logits, c, reduction="none")
 
 
 def _balanced_bce(logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     # HED's class-balanced cross-entropy (Xie & Tu 2015): edge and non-edge pixels weigh half each.
     # With plain BCE a sparse edge map (~3% of pixels) mostly says "no edges here", and the
-    # condition term learns to erase edges instead of drawing the given ones.
+    # condition term learns to erase edges instead of drawing the given ones. The weights average
+    # 1 over the image, so the sum over pixels keeps the size of a plain BCE sum.
     positive = (c > 0.5).to(logits.dtype)
     share = positive.flatten(1).mean(1).clamp(1e-3, 1 - 1e-3).reshape((-1,) + (1,) * (c.ndim - 1))
     weight = torch.where(positive > 0, 1 - share, share)
-    bce = F.binary_cross_entropy_with_logits(logits, c, reduction="none")
-    return (weight * bce).flatten(1).sum(1) / weight.flatten(1).sum(1)
+    weight = weight / weight.flatten(1).mean(1).reshape(share.shape)
+    return weight * F.binary_cross_entropy_with_logits(logits, c, reduction="none")
 
 
-#: Per-image distances d(soft(x), c) -> (B,), averaged over channels and pixels.
+#: Per-pixel distances d(soft(x), c) -> (B, C, H, W); `log_likelihood` sums them over pixels.
 #: "bce" and "balanced_bce" take the logits of `soft` (extractors with them implement `soft_logits`).
 DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": _l1,
@@ -128,6 +129,9 @@ class Extractor:
     PARAMS: ClassVar[tuple[Param, ...]] = ()
     #: key of DISTANCES used by `log_likelihood`
     distance: ClassVar[str] = "l1"
+    #: whether the condition's 3 channels are independent observations (an RGB image) or one map
+    #: repeated as a hint (edges, depth): `log_likelihood` sums over the former, counts the latter once
+    independent_channels: ClassVar[bool] = False
     #: whether `extract` itself carries a useful gradient (False: use `soft`)
     extract_is_differentiable: ClassVar[bool] = False
 
@@ -164,13 +168,22 @@ class Extractor:
         return self.extract(images)
 
     def log_likelihood(self, images: torch.Tensor, cond: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-        """`log p(c | x) ~= -d(soft(x), c) / tau` per image, (B,): the condition term of JDM Eq. 5."""
+        """`log p(c | x) = -sum_pixels d(soft(x), c) / tau` per image, (B,): the condition term of JDM Eq. 5.
+
+        A log-likelihood of the whole condition under a per-pixel model, up to a constant: a *sum*
+        over pixels (and over channels only where they are independent, `independent_channels`),
+        with `tau` the per-pixel temperature. A sum, not a mean, keeps Eq. 5's weight 1 meaningful
+        and the gradient per latent element the same at every resolution (docs/method.md).
+        """
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         soft = self.soft_logits(images) if self.distance in _ON_LOGITS else self.soft(images)
         if cond.shape != soft.shape:
             raise ValueError(f"extractor {self.name!r}: cond has shape {tuple(cond.shape)}, expected {tuple(soft.shape)}")
-        return -DISTANCES[self.distance](soft, cond.to(soft.dtype)) / tau
+        per_pixel = DISTANCES[self.distance](soft, cond.to(soft.dtype))
+        if not self.independent_channels:
+            per_pixel = per_pixel.mean(1)  # one map shown in 3 channels is one observation per pixel
+        return -per_pixel.flatten(1).sum(1) / tau
 
     @torch.no_grad()
     def consistency(self, images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -178,4 +191,4 @@ class Extractor:
         out = self.extract(images)
         if cond.shape != out.shape:
             raise ValueError(f"extractor {self.name!r}: cond has shape {tuple(cond.shape)}, expected {tuple(out.shape)}")
-        return _l1(out, cond.to(out.dtype))
+        return (out - cond.to(out.dtype)).abs().flatten(1).mean(1)

@@ -34,6 +34,7 @@ class LowRes(Extractor):
 
     name = "lowres"
     distance = "mse"
+    independent_channels = True  # an RGB image: three observations per pixel
     PARAMS = (Param("factor", 8, 2, 64, 1, tooltip="downscale factor"),)
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,35 @@ class ControlProbe:
         out["bg"] = self.features.agreement(images["own"], self.eval_set.captions)["background"]
         return out
 
+    @torch.no_grad()
+    def consistency_model_table(self, timesteps=(100, 300, 500, 700)) -> list[dict[str, float]]:
+        """The consistency model f (Eq. 8) against the fake score's posterior mean, on the student's own
+        samples x noised to x_t: realism of the decoded x0 (FID against the held-out data images) at every
+        t, and edge F1 of its canny map against the clean sample's own, where x_t still holds x's shapes.
+        A mean minimises the distance to x by construction, so that distance is not the test."""
+        from jdm_train import evaluate
+        from jdm_train.denoisers import Cond
+        from jdm_train.sampling import generate_one_step
+
+        tr, c = self.trainer, self.eval_set.control.to(self.trainer.device)
+        cond = Cond(self.text, c)
+        with tr.ema_weights():
+            x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep, cond)
+        clean_edges = self.extractor.extract(tr.decode(x).cpu())
+        data = self.features.features(self.eval_set.images)
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+        rows = []
+        for step in timesteps:
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            x_t = tr.schedule.add_noise(x, eps, t)
+            row = {"t": step}
+            for name, model in (("f", tr.roles.consistency), ("mean", tr.roles.fake)):
+                image = tr.decode(model(x_t, t, Cond(self.text))).cpu()
+                row[f"FID {name}"] = evaluate.fid(self.features.features(image), data)
+                row[f"F1 {name}"] = edge_f1(self.extractor.extract(image), clean_edges)
+            rows.append(row)
+        return rows
+
 
 def main(argv=None) -> int:
     from jdm_train import cli
@@ -104,8 +133,9 @@ def main(argv=None) -> int:
     probe = ControlProbe(trainer, args.n)
     rows, t0 = [(0, 0.0, probe())], time.perf_counter()
     print(_format(rows), flush=True)
+    logs = {}
     while trainer.step < trainer.config.max_steps:
-        trainer.train_step()
+        logs = trainer.train_step()
         trainer.step += 1
         if trainer.step % args.every == 0 or trainer.step == trainer.config.max_steps:
             rows.append((trainer.step, time.perf_counter() - t0, probe()))
@@ -113,6 +143,11 @@ def main(argv=None) -> int:
             if args.grid:
                 probe.write_grid(args.grid)
     print("\n" + _format(rows))
+    clipped = {k: v for k, v in logs.items() if k.startswith("clipped_share_")}
+    print("share of updates clipped: " + ", ".join(f"{k[len('clipped_share_'):]} {v:.3f}" for k, v in clipped.items()))
+    print("\nconsistency model f vs the fake score's mean, on the student's own samples (FID vs data; F1 vs the clean"
+          " sample's canny):")
+    print(_format([(r.pop("t"), 0.0, r) for r in probe.consistency_model_table()]).replace("| step | s |", "| t | - |"))
     return 0
 
 

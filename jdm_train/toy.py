@@ -32,9 +32,11 @@ from jdm_train.schedule import NoiseSchedule
 
 METHODS = ("jdm", "vsd", "dsm")
 CONDITIONS = ("estimate", "exact")  # grad log p(c|x_t) through the consistency model, or in closed form
-# The toy's condition temperature (the role tau plays for image extractors): Eq. 5's weight 1 with a
-# single consistency sample through a c-blind fake score over-pushes samples (see bench/toy.py --sweep).
-TOY_CONDITION_WEIGHT = 0.03
+# The trainer's defaults (config.TrainConfig): Eq. 5's weight 1, the condition term as an x0 gradient
+# at every t ("snr"). Under Eq. 5's own lambda_t the single-sample estimate over-pushes at high t, where
+# the exact grad log p(c|x_t) vanishes (`python -m jdm_train.bench toy --referee`).
+TOY_CONDITION_WEIGHT = 1.0
+TOY_CONDITION_WEIGHTING = "snr"
 
 
 @dataclass
@@ -260,7 +262,7 @@ def train(
     lora_rank: int = 8,
     condition_weight: float = TOY_CONDITION_WEIGHT,
     condition: str = "estimate",
-    condition_weighting: str = "eq5",
+    condition_weighting: str = TOY_CONDITION_WEIGHTING,
     weighting: str = "dmd",
     callback=None,
 ) -> ToyRun:

@@ -33,7 +33,7 @@ from jdm_train import losses, model_io
 from jdm_train.config import TrainConfig
 from jdm_train.data import BatchOrder, CaptionedImageFolder
 from jdm_train.denoisers import Cond, UNetDenoiser, build_roles
-from jdm_train.export import default_output_dir, write_exports, write_preview_grid
+from jdm_train.export import clean_export_leftovers, default_output_dir, write_exports, write_preview_grid
 from jdm_train.sampling import ddim_reference, generate_one_step
 from jdm_train.schedule import NoiseSchedule
 
@@ -118,7 +118,9 @@ class Trainer:
         self._text_cache: dict[str, Tensor] = {}
         self._tapped: tuple[Tensor, Tensor] | None = None
 
-        self.dataset = load_dataset(config)  # first: a bad --data fails before minutes of model loading
+        # Everything that can refuse the run does so before minutes of model loading, as one line.
+        preflight(config, self.output_dir)
+        self.dataset = load_dataset(config)
         self._load_models()
         self._load_conditioning()
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index,
@@ -137,6 +139,10 @@ class Trainer:
                                             foreach=True)
             self.consistency_timesteps = losses.consistency_timesteps(
                 config.consistency_points, self.schedule).to(self.device)
+        if acc.is_main_process:
+            need = checkpoint_bytes(self)
+            if shutil.disk_usage(self.output_dir).free < need:
+                raise model_io.no_space_error(self.output_dir, need)
         self.grad_norms: dict[str, list[float]] = {name: [] for name in self.optimizers}
         self.clipped: dict[str, list[int]] = {name: [0, 0] for name in self.optimizers}  # clipped, applied
         log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
@@ -151,6 +157,10 @@ class Trainer:
         pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle,
                                             comfyui_root=config.comfyui_root)
         self.teacher_path = teacher_path
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if factor != 8:
+            raise ValueError(f"--ckpt {config.ckpt}: its VAE downsamples {factor}x; the exported ControlNet "
+                             "(ComfyUI's cldm layout) needs SD1.x's 8x VAE")
         self.tokenizer = pipe.tokenizer
         # Frozen weights are stored in the autocast precision (they are never updated), trained ones in fp32.
         self.weight_dtype = self._autocast_dtype()
@@ -199,13 +209,8 @@ class Trainer:
 
     def _load_conditioning(self) -> None:
         """Condition extractor, the decoder of the condition term, the reward."""
-        from jdm_train.extractors import extractor_params, get_extractor
-
         config = self.config
-        # HED/depth annotator weights are searched in the same ComfyUI root as the models.
-        takes_root = any(p.name == "comfyui_root" for p in extractor_params(config.control))
-        self.extractor = get_extractor(config.control, **({"comfyui_root": config.comfyui_root}
-                                                          if takes_root and config.comfyui_root else {}))
+        self.extractor = _extractor(config)
         self.decoder = self.vae
         if config.cond_decoder == "taesd":
             self.decoder = model_io.load_taesd_decoder(model_io.resolve_model(config.taesd, "vae_approx", config.comfyui_root),
@@ -228,6 +233,8 @@ class Trainer:
         if "discriminator" in g:
             opts["discriminator"] = self._adamw([(g["discriminator"], cfg.lr_discriminator, b1)])
         names = list(opts)
+        # The rates this run asks for: a resume restores the checkpoint's, then `apply_learning_rates`.
+        self.learning_rates = {name: [g["lr"] for g in opt.param_groups] for name, opt in opts.items()}
         prepared = self.accelerator.prepare(*opts.values())
         prepared = prepared if isinstance(prepared, (tuple, list)) else [prepared]
         return dict(zip(names, prepared))
@@ -576,9 +583,11 @@ class Trainer:
         log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", self.step + 1,
                     self.nonfinite_run, self.nonfinite_total)
         if self.nonfinite_run >= self.config.max_nonfinite:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; stopping. The last good "
-                f"checkpoint is kept in {self.output_dir} (resume with --resume latest, e.g. with lower learning rates)")
+            found = _checkpoints(self.output_dir) if self.output_dir.is_dir() else []
+            kept = (f"the last good checkpoint is {found[-1][1]} (resume with --resume latest, e.g. with lower "
+                    "learning rates)") if found else "no checkpoint was written before the streak"
+            raise NonFiniteLossError(f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; "
+                                     f"stopping; {kept}")
         return {"nonfinite_skipped": float(self.nonfinite_total)}
 
     # ------------------------------------------------------------------ the loop
@@ -591,6 +600,9 @@ class Trainer:
         if acc.is_main_process and self.output_dir.is_dir():
             for stale in self.output_dir.glob(f".{_CKPT_PREFIX}*.tmp"):  # left by a kill -9 mid-save
                 shutil.rmtree(stale, ignore_errors=True)
+        if acc.is_main_process:
+            for removed in clean_export_leftovers(cfg, self.output_dir):
+                log.info("removed %s, left by an interrupted export", removed)
         if cfg.resume:
             load_checkpoint(self, find_checkpoint(self.output_dir, cfg.resume))
         if cfg.report_to and acc.is_main_process:
@@ -602,7 +614,7 @@ class Trainer:
             except ValueError:  # not the main thread: no graceful stop, the run still works
                 pass
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="jdm")
-        status = 0
+        status, owed = 0, False
         try:
             while self.step < cfg.max_steps:
                 logs = self.train_step()
@@ -617,10 +629,11 @@ class Trainer:
                     with self.ema_weights():
                         write_preview(self)
                 stop = self._stop_everywhere()
-                # During a streak of skipped steps nothing worth a new checkpoint happened.
-                due = self.step % cfg.checkpoint_every == 0 and self.nonfinite_run == 0
-                if due or stop or self.step == cfg.max_steps:
+                # A checkpoint due inside a streak of skipped steps is written at the next finite step.
+                owed = owed or self.step % cfg.checkpoint_every == 0
+                if (owed and self.nonfinite_run == 0) or stop or self.step == cfg.max_steps:
                     save_checkpoint(self)
+                    owed = False
                 if stop:
                     log.warning("stopped by signal at step %d; resume with --resume latest", self.step)
                     status = 130
@@ -637,6 +650,9 @@ class Trainer:
         except NonFiniteLossError as exc:
             log.error("%s", exc)
             status = 3
+        except model_io.NoSpaceError as exc:
+            log.error("%s", exc)
+            status = 4
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -654,6 +670,76 @@ class Trainer:
     def _stop_everywhere(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) > 0
+
+
+# ---------------------------------------------------------------------- before the first step
+
+#: What a resumed run must share with its checkpoint: the weights and optimiser state only fit these.
+#: Learning rates, run length, cadences and outputs may change (learning rates are applied and logged).
+RESUME_FIXED = ("ckpt", "control", "objective", "phase", "student", "divergence", "student_lora_rank",
+                "fake_lora_rank", "consistency_lora_rank", "cfg_teacher")
+
+
+def preflight(config: TrainConfig, output_dir: Path) -> Path | None:
+    """The checks that can refuse a run and need no model, in seconds (ValueError / FileNotFoundError,
+    one line each): every output folder writable, the control's annotator weights present, and the
+    resume target found and trained for the same model, control and objective. Returns that target."""
+    from jdm_train.export import export_paths
+
+    for folder in sorted({output_dir, *(p.parent for p in export_paths(config, output_dir).values())}):
+        _check_writable(folder)
+    extractor = _extractor(config)
+    for locate in ("weights_path", "model_path"):  # HED / depth: raise MissingWeightsError naming where to put them
+        if hasattr(extractor, locate):
+            getattr(extractor, locate)()
+    if not config.resume:
+        return None
+    path = find_checkpoint(output_dir, config.resume)
+    saved = json.loads((path / "trainer_state.json").read_text()).get("config", {})
+    differs = [k for k in RESUME_FIXED if k in saved and _resume_value(k, saved[k]) != _resume_value(k, getattr(config, k))]
+    if differs:
+        then = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r}" for k in differs)
+        now = ", ".join(f"{getattr(config, k)!r}" for k in differs)
+        raise ValueError(f"--resume {path}: that checkpoint was trained with {then}; this run asks for {now}. "
+                         "Resume with the same values, or start a new run with another --output")
+    return path
+
+
+def _resume_value(key: str, value):
+    # A checkpoint given as a name or as a path to the same file is the same model.
+    return Path(value).name if key in ("ckpt", "student", "cfg_teacher") and value else value
+
+
+def _check_writable(folder: Path) -> None:
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jdm-write-test-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"output folder {folder} is not writable ({exc.strerror or exc}); "
+                         "choose another with --output-dir / --comfyui-root") from None
+
+
+def _extractor(config: TrainConfig):
+    from jdm_train.extractors import extractor_params, get_extractor
+
+    # HED/depth annotator weights are searched in the same ComfyUI root as the models.
+    takes_root = any(p.name == "comfyui_root" for p in extractor_params(config.control))
+    return get_extractor(config.control, **({"comfyui_root": config.comfyui_root}
+                                            if takes_root and config.comfyui_root else {}))
+
+
+def checkpoint_bytes(trainer: "Trainer") -> int:
+    """About what one checkpoint and one export set take on disk: trained weights, two Adam moments
+    and the EMAs in float32, plus the exported student and ControlNet."""
+    trained = sum(p.numel() for opt in trainer.optimizers.values() for g in opt.param_groups for p in g["params"])
+    averaged = sum(len(ema.shadow_params) and sum(p.numel() for p in ema.shadow_params)
+                   for ema, _ in _emas(trainer).values())
+    exported = sum(p.numel() for p in trainer.roles.student.unet.parameters()) + \
+        sum(p.numel() for p in trainer.roles.controlnet.parameters())
+    return 4 * (3 * trained + averaged + exported)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -713,6 +799,22 @@ def save_checkpoint(trainer: Trainer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     digests = replica_digests(trainer)
+    try:
+        _write_checkpoint(trainer, tmp, final, digests)
+    except Exception as exc:
+        # torch's zip writer reports a full disk as "unexpected pos": look at the disk before cleaning up.
+        full = model_io.is_disk_full(exc) or shutil.disk_usage(trainer.output_dir).free < 2**26
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep the disk full
+        if full:
+            raise model_io.no_space_error(trainer.output_dir, checkpoint_bytes(trainer)) from None
+        raise
+    acc.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(trainer: Trainer, tmp: Path, final: Path, digests: list[str]) -> None:
+    acc = trainer.accelerator
     acc.save_state(str(tmp))
     if acc.is_main_process:
         model_io.save_state_dict(tmp / "trainable.safetensors", trainer.roles.trainable_state(),
@@ -737,8 +839,6 @@ def save_checkpoint(trainer: Trainer) -> Path:
         if limit:
             for _, old in _checkpoints(trainer.output_dir)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(trainer: Trainer, path: Path) -> None:
@@ -749,11 +849,21 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     trainer.accelerator.load_state(str(path))
     for file, (ema, params) in _emas(trainer).items():
         _load_ema(ema, params(), path / file)
+    apply_learning_rates(trainer)
     trainer.grad_norms.update(state.get("grad_norms", {}))
     trainer.clipped.update(state.get("clipped", {}))
     trainer.step = int(state["step"])
     trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
     log.info("resumed from %s at step %d", path, trainer.step)
+
+
+def apply_learning_rates(trainer: Trainer) -> None:
+    """After a resume the optimisers hold the checkpoint's learning rates: set this run's, and say so."""
+    for name, opt in trainer.optimizers.items():
+        for group, lr in zip(opt.param_groups, trainer.learning_rates[name]):
+            if group["lr"] != lr:
+                log.warning("resume: %s learning rate %g (the checkpoint's) -> %g (this run's)", name, group["lr"], lr)
+                group["lr"] = lr
 
 
 def _emas(trainer: Trainer) -> dict:
@@ -821,7 +931,7 @@ def run(config: TrainConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         trainer = Trainer(config)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: missing files, bad data, missing annotators
+    except (ValueError, FileNotFoundError, model_io.NoSpaceError) as exc:  # user errors: files, data, annotators, disk
         log.error("%s", exc)
         return 2
     return trainer.train()

@@ -6,7 +6,9 @@ floor row is a second exact sample), consistency (mean true p(c|x) of samples gi
 mass (p(c)-weighted fraction of samples on the 5% mode) and time. `--seeds 0 1 2 3` prints the
 spread over seeds of JDM / DSM ControlNet / implicit VSD instead (what the CI test's margins come
 from; with `--divergences rkl js fkl` the spread of JDM per divergence, for light-mode coverage);
-`--sweep` prints JDM (reverse-KL) over condition weights.
+`--sweep` prints JDM (reverse-KL) over condition weights. `--referee` compares the consistency-model
+estimate of grad log p(c|x_t) with the exact one (`ToyWorld.log_p_c_given_x_t`) over `--seeds`, at
+Eq. 5's weight 1 under both condition weightings and at the old toy setting (weight 0.03, eq5).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--divergences", nargs="+", default=None, choices=DIVERGENCES,
                    help="with --seeds: spread of JDM with these divergences (light-mode coverage) instead of the baselines")
     p.add_argument("--sweep", action="store_true", help="print JDM (rkl) over condition weights 1, 0.3, 0.1, 0.03, 0.01")
+    p.add_argument("--referee", action="store_true",
+                   help="exact grad log p(c|x_t) vs the consistency-model estimate, over --seeds (default 0 1 2 3)")
     p.add_argument("--condition-weight", type=float, default=toy.TOY_CONDITION_WEIGHT, help="JDM condition weight (default %(default)s)")
     p.add_argument("--n", type=int, default=4000, help="evaluation samples per condition (default 4000)")
     return p.parse_args(argv)
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
           f"3 sector conditions, {args.steps} steps, eval n={args.n}/condition, condition weight {args.condition_weight}")
     head = HEADER.format(truth=floor["consistency"], light=float(world.weights[world.light_mode]))
     sep = "|---" * 8 + "|"
+    if args.referee:
+        return _referee(world, args, floor)
     if args.seeds:
         return _spread(world, args, floor)
     print(head)
@@ -72,6 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     print(_row("DSM ControlNet", "-", run(world, "dsm", "rkl", args, args.seed), floor["sw2"]), flush=True)
     print(_row("implicit VSD", "rkl", run(world, "vsd", "rkl", args, args.seed), floor["sw2"]), flush=True)
     print(_row("floor (exact resample)", "-", {**floor, "wall": 0.0, "cpu": 0.0}, floor["sw2"]))
+    return 0
+
+
+REFEREE_ROWS = (
+    ("JDM, exact p(c|x_t)", "exact", 1.0, "eq5"),
+    ("JDM, exact p(c|x_t)", "exact", 1.0, "snr"),
+    ("JDM, consistency-model estimate", "estimate", 1.0, "snr"),
+    ("JDM, consistency-model estimate", "estimate", 1.0, "eq5"),
+    ("JDM, consistency-model estimate (old toy setting)", "estimate", 0.03, "eq5"),
+)
+
+
+def _referee(world: toy.ToyWorld, args, floor: dict) -> int:
+    seeds = args.seeds or [0, 1, 2, 3]
+    print(f"seeds {seeds}; floor SW2 {floor['sw2']:.3f}, truth consistency {floor['consistency']:.3f}, "
+          f"light mode {float(world.weights[world.light_mode]):.3f}; mean +- std over seeds")
+    print("| condition term | weight | weighting | SW2 | consistency | light-mode mass | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, condition, weight, weighting in REFEREE_ROWS:
+        results = [run(world, "jdm", "rkl", args, s, condition=condition, condition_weight=weight,
+                       condition_weighting=weighting) for s in seeds]
+        cells = []
+        for key in ("sw2", "consistency", "light_mass"):
+            v = [r[key] for r in results]
+            cells.append(f"{statistics.mean(v):.3f} +- {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}")
+        wall = sum(r["wall"] for r in results)
+        print(f"| {name} | {weight:g} | {weighting} | " + " | ".join(cells) + f" | {wall:.0f} |", flush=True)
     return 0
 
 

@@ -49,7 +49,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     resolution: int = 512
     seed: int = 0
-    # objective (ALGORITHM.md)
+    # objective (docs/method.md)
     objective: str = "jdm"
     divergence: str = "rkl"
     phase: str = "joint"
@@ -153,7 +153,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 bad(name, getattr(self, name), "a number in [0, 1)")
         if self.divergence != "rkl" and self.batch_size < 2:
-            # The f-divergence weights are normalised by their micro-batch mean (ALGORITHM step 4):
+            # The f-divergence weights are normalised by their micro-batch mean (docs/method.md §4):
             # with one sample they are all 1, which is reverse KL whatever --divergence says.
             bad("batch_size", self.batch_size, f"at least 2 with --divergence {self.divergence} (with one sample "
                 "the batch-normalised f-divergence weight is always 1, i.e. reverse KL)")

@@ -1,7 +1,7 @@
 """One interface for teacher, fake score, consistency model and student: `x0 = denoise(x_t, t, cond)`.
 
 All of them are eps-prediction diffusers `UNet2DConditionModel`s read as x0 predictions through
-`NoiseSchedule.x0_from_eps` (ALGORITHM.md, Notation). With LoRA ranks > 0 a single frozen base
+`NoiseSchedule.x0_from_eps` (docs/method.md §0). With LoRA ranks > 0 a single frozen base
 UNet serves several roles through peft adapters:
 
 - teacher / real score `s_phi`: the base, adapters disabled;
@@ -128,7 +128,7 @@ class FeatureTap:
 class DiscriminatorHead(nn.Module):
     """f-distill's density-ratio estimator: logit of p_phi / p_theta from fake-score bottleneck features.
 
-    features: (B, C, h, w) -> (B,) logits; `r = exp(logit)` (ALGORITHM.md step 4).
+    features: (B, C, h, w) -> (B,) logits; `r = exp(logit)` (docs/method.md §4).
     """
 
     def __init__(self, channels: int, hidden: int = 256):

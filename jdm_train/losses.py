@@ -5,7 +5,7 @@ Everything takes tensors and denoiser callables `x0 = denoise(x_t, t, cond)` (te
 score, fake score, consistency model, guidance teacher, student) and returns `(loss, logs)`,
 `logs` being a dict of detached 0-dim tensors. No model classes, no accelerate.
 
-Units (ALGORITHM.md step 8). Eq. 5 is a sum of *score-space* terms at x_t, mapped to the
+Units (docs/method.md §8). Eq. 5 is a sum of *score-space* terms at x_t, mapped to the
 student output x by the chain rule `d x_t / d x = alpha_t`:
 
     g = lambda_t alpha_t [ grad_{x_t} log p(c|x_t) + (w - 1) alpha_t (x0_B(c) - x0_B(empty)) / sigma_t^2
@@ -56,7 +56,7 @@ def _mean_abs(v: Tensor) -> Tensor:
 def sample_timesteps(
     batch: int, t_min: int = DEFAULT_T_MIN, t_max: int = DEFAULT_T_MAX, device=None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """`t ~ U{t_min..t_max}` (B,) long: the generator and fake-score timesteps (ALGORITHM step 2, ours 20..980)."""
+    """`t ~ U{t_min..t_max}` (B,) long: the generator and fake-score timesteps (docs/method.md §2, ours 20..980)."""
     if not 0 <= t_min <= t_max <= 999:
         raise ValueError(f"expected 0 <= t_min <= t_max <= 999, got t_min={t_min}, t_max={t_max}")
     return torch.randint(t_min, t_max + 1, (batch,), device=device, generator=generator)
@@ -73,7 +73,7 @@ def term_scale(x: Tensor, x0_real: Tensor, t: Tensor, schedule: NoiseSchedule, w
     - `"sigma2"`: lambda_t = sigma_t^2 / alpha_t^2, so the fidelity term is `x0_real - x0_fake`.
     - `"dmd"` (ours, as DMD; deviation from Eq. 5 because lambda then depends on the sample, not
       only on t): lambda = sigma_t^2 / (alpha_t^2 mean|x - x0_real|), so the fidelity term is DMD's
-      `(x0_real - x0_fake) / mean|x - x0_real|` (ALGORITHM step 3), x0_real being the unguided
+      `(x0_real - x0_fake) / mean|x - x0_real|` (docs/method.md §3), x0_real being the unguided
       teacher. All terms share it, which keeps their relative scale as Eq. 5 states.
     """
     alpha, sigma = schedule.alpha_sigma(t, x)
@@ -100,7 +100,7 @@ def fidelity_direction(
 
     x: student output (B, ...), x_t = alpha_t x + sigma_t eps, x0_real / x0_fake: the teacher's and
     the fake score's x0 predictions at (x_t, t). With `weighting="dmd"` it equals
-    `(x0_real - x0_fake) / mean|x - x0_real|` per sample (ALGORITHM step 3). Detached.
+    `(x0_real - x0_fake) / mean|x - x0_real|` per sample (docs/method.md §3). Detached.
     """
     del x_t  # both x0 predictions are taken at x_t already; kept for a uniform signature
     x0_real, x0_fake = x0_real.detach(), x0_fake.detach()
@@ -134,7 +134,7 @@ def f_divergence_weight(logits: Tensor, divergence: str = "rkl", normalize: bool
     logits: (B,) discriminator logits at (x_t, t) (real = teacher data, fake = student). Weights:
     reverse-KL 1 (plain JDM), softened reverse-KL 1/(r+1), Jensen-Shannon r/(r+1), squared
     Hellinger sqrt(r)/2, forward-KL r, Jeffreys r+1. With `normalize` they are divided by their
-    batch mean (ALGORITHM step 4). Returns detached (B,) weights.
+    batch mean (docs/method.md §4). Returns detached (B,) weights.
     """
     if logits.ndim != 1:
         raise ValueError(f"logits must be (B,), got shape {tuple(logits.shape)}")
@@ -188,7 +188,7 @@ def cfg_direction(
     x_t: Tensor, t: Tensor, guidance_denoise: Denoiser, cond: Any, uncond: Any, scale: float, schedule: NoiseSchedule,
     x0_cond: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Decoupled CFG as a condition term in score space (JDM Sec. 3.1, ALGORITHM step 6):
+    """Decoupled CFG as a condition term in score space (JDM Sec. 3.1, docs/method.md §6):
     `alpha_t (w - 1) (x0_B(x_t, c) - x0_B(x_t, empty)) / sigma_t^2`, B being the guidance teacher.
     `x0_cond`: `x0_B(x_t, c)` when already computed (B is the real score, as in DMD's CFG)."""
     with torch.no_grad():
@@ -203,7 +203,7 @@ def cfg_direction(
 
 
 def surrogate_loss(x: Tensor, g: Tensor, reduction: str = "mean") -> Tensor:
-    """`0.5 || x - sg(x + g) ||^2` (ALGORITHM step 8): d loss / dx = -g per sample.
+    """`0.5 || x - sg(x + g) ||^2` (docs/method.md §8): d loss / dx = -g per sample.
 
     reduction "sum": the gradient is exactly -g; "mean" (over the batch, summed within a sample):
     -g / B, the Monte-Carlo mean of Eq. 5.
@@ -247,7 +247,7 @@ def generator_direction(
     exact_condition: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The summed JDM direction g on the student output x (B, ...) of one generator step
-    (JDM Eq. 5 / 9 / 10 with f-distill weighting; ALGORITHM steps 2-8). Detached.
+    (JDM Eq. 5 / 9 / 10 with f-distill weighting; docs/method.md §2-8). Detached.
 
     x_t = alpha_t sg(x) + sigma_t eps at timesteps t (B,). Terms, all at the same (x_t, t):
     fidelity `h_f(r) (s_phi - s_psi)` from `real_denoise`/`fake_denoise` (cond = text) with r from

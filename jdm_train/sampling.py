@@ -27,7 +27,7 @@ DEFAULT_GENERATOR_TIMESTEP = 999
 
 
 def generate_one_step(denoise: Denoiser, noise: Tensor, t_g: int = DEFAULT_GENERATOR_TIMESTEP, cond: Any = None) -> Tensor:
-    """x = G(z) = x0-prediction of the student at timestep `t_g` with `x_t = z` (ALGORITHM.md, Student)."""
+    """x = G(z) = x0-prediction of the student at timestep `t_g` with `x_t = z` (docs/method.md §0)."""
     t = torch.full((noise.shape[0],), int(t_g), device=noise.device, dtype=torch.long)
     return denoise(noise, t, cond)
 

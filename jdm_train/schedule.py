@@ -1,4 +1,4 @@
-"""The SD1.x DDPM noise schedule in the notation of ALGORITHM.md.
+"""The SD1.x DDPM noise schedule in the notation of docs/method.md §0.
 
 `x_t = alpha_t x + sigma_t eps` with `alpha_t = sqrt(abar_t)`, `sigma_t = sqrt(1 - abar_t)`
 on the scaled-linear betas (0.00085 to 0.012, 1000 steps). Timesteps are integers in

@@ -73,7 +73,7 @@ def test_weightings_match_their_closed_forms():
     x0_r, x0_f = real(x_t, t), fake(x_t, t)
     dmd, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="dmd")
     norm = (x - x0_r).abs().mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(dmd, (x0_r - x0_f) / norm)  # DMD's normalised gradient, ALGORITHM step 3
+    torch.testing.assert_close(dmd, (x0_r - x0_f) / norm)  # DMD's normalised gradient, docs/method.md §3
     sig2, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="sigma2")
     torch.testing.assert_close(sig2, x0_r - x0_f)
     with pytest.raises(ValueError, match="weighting"):

@@ -54,7 +54,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("cfg_scale", float, None, "Decoupled CFG scale w of the guidance teacher (1 = off)."),
     ("negative_prompt", str, None, "Prompt of the unconditional branch of the guidance teacher."),
     ("reward", str, None, "Differentiable reward MODULE:FUNCTION taking images BCHW in [0,1] and prompts, "
-                          "returning (B,) (JDM Eq. 9)."),
+                          "returning (B,) (JDM Eq. 9): a log-probability of the whole image (sum per-pixel "
+                          "terms over pixels, as the condition term does)."),
     ("fidelity_weight", float, None, "Weight of the fidelity (distribution-matching) term."),
     ("condition_weight", float, None, "Weight of the condition term grad log p(c|x_t) (1 = Eq. 5)."),
     ("condition_tau", float, None, "Per-pixel temperature tau of log p(c|x) = -sum_pixels d(h(x), c) / tau."),

@@ -67,7 +67,11 @@ def load_dataset(config: TrainConfig):
 
 
 def load_reward(spec: str):
-    """`MODULE:FUNCTION` -> callable(images BCHW [0, 1], prompts) -> (B,) (JDM Eq. 9)."""
+    """`MODULE:FUNCTION` -> callable(images BCHW [0, 1], prompts) -> (B,) (JDM Eq. 9).
+
+    The reward is used as the condition term's log-likelihood is (docs/method.md §5, §9): a
+    per-image log-probability of the whole image, so a per-pixel reward is summed over pixels,
+    never averaged, and `--reward-weight` 1 keeps Eq. 9's scale."""
     module_name, _, fn_name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)

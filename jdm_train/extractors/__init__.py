@@ -2,12 +2,13 @@
 
 Each extractor has an exact face `extract(images) -> cond` (training pairs,
 consistency, ComfyUI preprocessor nodes) and a differentiable face `soft(images)`
-used by `log_likelihood` for the condition term of JDM Eq. 5. Images are BCHW float
-RGB in [0, 1] on any device/dtype; conditions are 3-channel BCHW in [0, 1].
+used by `log_likelihood` for the condition term of JDM Eq. 5: a log-likelihood of the whole
+condition, the sum over pixels of a per-pixel distance divided by a per-pixel temperature tau.
+Images are BCHW float RGB in [0, 1] on any device/dtype; conditions are 3-channel BCHW in [0, 1].
 
     h = get_extractor("canny", low_threshold=100, high_threshold=200)
     c = h.extract(x_data)                      # (B, 3, H, W)
-    logp = h.log_likelihood(x, c, tau=0.1)     # (B,), differentiable in x
+    logp = h.log_likelihood(x, c, tau=4.0)     # (B,), a sum over pixels, differentiable in x
     err = h.consistency(x, c)                  # (B,), mean |h(x) - c|
 
 A new control is one new entry in `EXTRACTORS`.

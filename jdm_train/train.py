@@ -850,7 +850,11 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     state = json.loads((path / "trainer_state.json").read_text())
     weights, _ = model_io.read_state_dict(path / "trainable.safetensors")
     trainer.roles.load_trainable_state({k: v.to(trainer.device) for k, v in weights.items()})
-    trainer.accelerator.load_state(str(path))
+    with _messages("accelerate.checkpointing") as notes:
+        trainer.accelerator.load_state(str(path))
+    if any("Could not load random states" in m for m in notes):  # accelerate says so at INFO only
+        log.warning("%s: random_states_%d.pkl could not be read; training goes on, but not bit-for-bit as an "
+                    "uninterrupted run would", path, trainer.accelerator.process_index)
     for file, (ema, params) in _emas(trainer).items():
         _load_ema(ema, params(), path / file)
     apply_learning_rates(trainer)
@@ -859,6 +863,23 @@ def load_checkpoint(trainer: Trainer, path: Path) -> None:
     trainer.step = int(state["step"])
     trainer.nonfinite_total = int(state.get("nonfinite_total", 0))
     log.info("resumed from %s at step %d", path, trainer.step)
+
+
+@contextmanager
+def _messages(logger_name: str):
+    """The messages a library logs (INFO and up) inside the block, as a list."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def apply_learning_rates(trainer: Trainer) -> None:

@@ -156,3 +156,13 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_leaves_no_partial_checkpoin
     assert cli.main(_argv(world, out, "--max-steps", "2", "--checkpoint-every", "1")) == 4
     assert "no space left in" in caplog.text and "GB" in caplog.text
     assert not [p for p in out.iterdir() if "checkpoint" in p.name]
+
+
+def test_unreadable_random_states_on_resume_are_a_warning(world, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert cli.main(_argv(world, out, "--max-steps", "1", "--checkpoint-every", "1")) == 0
+    (out / "checkpoint-1" / "random_states_0.pkl").write_bytes(b"not a pickle")
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(_argv(world, out, "--max-steps", "2", "--checkpoint-every", "1", "--resume", "latest")) == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("random_states_0.pkl" in r.getMessage() for r in warnings)

@@ -161,9 +161,15 @@ def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert control.main(["--n", "4", "--every", "1", "--max-steps", "1", "--output-dir", str(tmp_path),
                          "--grid", str(grid)]) == 0
-    table = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out
+    table, _, rest = out.strip().rpartition("share of updates clipped:")
+    table = table.strip().splitlines()
     assert table[-4].startswith("| step | s | L1 own | F1 own | L1 blank")
     assert table[-2].startswith("| 0 |") and table[-1].startswith("| 1 |")
+    assert "generator" in rest.splitlines()[0] and "fake" in rest.splitlines()[0]
+    cm = rest.strip().splitlines()[-6:]  # the consistency model against the fake score's mean
+    assert cm[0] == "| t | - | FID f | F1 f | FID mean | F1 mean |"
+    assert [row.split("|")[1].strip() for row in cm[2:]] == ["100", "300", "500", "700"]
     from PIL import Image
 
     assert Image.open(grid).size == (4 * 64, 4 * 64)  # control | own | blank | shuffled, 4 samples

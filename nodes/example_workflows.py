@@ -18,7 +18,8 @@ from jdm_train.bench.comfy import load_pack_module
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKFLOWS = REPO / "example_workflows"
-SHARED_OBJECT_INFO = Path("/work/shared/comfyui/object_info.json")
+# The development environment keeps a real ComfyUI 0.3.64 /object_info beside the repository.
+SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info.json"
 
 TEACHER = "v1-5-pruned-emaonly.safetensors"
 GUIDANCE_TEACHER = "v2-1_512-ema-pruned.safetensors"

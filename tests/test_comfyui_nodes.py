@@ -1,6 +1,6 @@
 """The JDM nodes inside a real ComfyUI (in-process, CPU), against ComfyUI's own samplers and jdm_train.
 
-Needs COMFYUI_PATH (see /work/COMFYUI_ENV.md); skipped otherwise. Models are random-weight
+Needs COMFYUI_PATH (a ComfyUI checkout with its requirements installed); skipped otherwise. Models are random-weight
 files from `jdm_train.fixtures` that ComfyUI detects as SD1.5 (320-channel one-level UNet).
 """
 

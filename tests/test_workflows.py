@@ -1,6 +1,6 @@
 """The shipped workflows (example_workflows/*.json, the folder ComfyUI serves as the pack's templates) checked without ComfyUI against the node schemas.
 
-Schemas: the core nodes of ComfyUI 0.3.64 (/work/shared/comfyui/object_info.json where it
+Schemas: the core nodes of ComfyUI 0.3.64 (../shared/comfyui/object_info.json beside the repository, where it
 exists, else nodes/core_object_info.json, the subset the workflows use, checked equal to it)
 plus this pack's snapshot nodes/object_info.json (kept current by the COMFYUI_PATH tests).
 """
@@ -16,7 +16,7 @@ from jdm_train.bench.comfy import load_pack_module
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-SHARED = Path("/work/shared/comfyui/object_info.json")
+SHARED = REPO.parent / "shared" / "comfyui" / "object_info.json"  # beside the repository in CI
 
 
 wf = load_pack_module("workflow_format")

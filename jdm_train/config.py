@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 CONTROLS = ("canny", "hed", "depth", "lowres")
 OBJECTIVES = ("jdm", "dsm", "vsd", "controlnet")

@@ -307,13 +307,15 @@ def format_table(rows: dict[str, dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jdm_train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="demo", help="teacher SD1.x checkpoint (path or 'demo' for the shipped demo teacher)")
-    p.add_argument("--student", type=Path, help="student UNet (LDM layout, as exported by the trainer); default: the teacher UNet")
+    p.add_argument("--student", type=Path,
+                   help="student UNet (LDM layout, as exported by the trainer); default: the teacher UNet")
     p.add_argument("--controlnet", type=Path, help="the student's ControlNet (cldm layout, as exported by the trainer)")
     p.add_argument("--control", default="canny", help="condition extractor name (canny, hed, depth, lowres)")
     p.add_argument("--n", type=int, default=256, help="number of held-out images / conditions")
     p.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps of the teacher's reference samples")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the teacher's reference samples")
-    p.add_argument("--timestep", type=int, default=None, help="student generator timestep (default: jdm.timestep metadata or 999)")
+    p.add_argument("--timestep", type=int, default=None,
+                   help="student generator timestep (default: jdm.timestep metadata or 999)")
     p.add_argument("--clip", type=Path, help="local transformers CLIPModel folder: CLIP features for FID and CLIP score")
     p.add_argument("--features", type=Path, help="demo feature network weights (default: the shipped one)")
     p.add_argument("--blank-control", action="store_true", help="also score the student with blank (zero) control images")

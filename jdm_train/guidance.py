@@ -29,7 +29,8 @@ def cfg_term(x0_b_pos: Tensor, x0_b_neg: Tensor, scale: float | Tensor) -> Tenso
     """
     _check_scale(scale)
     if x0_b_pos.shape != x0_b_neg.shape:
-        raise ValueError(f"x0_b_pos and x0_b_neg must have the same shape, got {tuple(x0_b_pos.shape)} and {tuple(x0_b_neg.shape)}")
+        raise ValueError(f"x0_b_pos and x0_b_neg must have the same shape, got {tuple(x0_b_pos.shape)} and "
+                         f"{tuple(x0_b_neg.shape)}")
     return (scale - 1) * (x0_b_pos - x0_b_neg)
 
 
@@ -39,7 +40,8 @@ def decoupled_cfg(x0_a_pos: Tensor, x0_b_pos: Tensor, x0_b_neg: Tensor, scale: f
     All x0 tensors are (B, ...) of one shape. With `x0_b_* = x0_a_*` this equals `cfg(...)`.
     """
     if x0_a_pos.shape != x0_b_pos.shape:
-        raise ValueError(f"x0_a_pos and x0_b_pos must have the same shape, got {tuple(x0_a_pos.shape)} and {tuple(x0_b_pos.shape)}")
+        raise ValueError(f"x0_a_pos and x0_b_pos must have the same shape, got {tuple(x0_a_pos.shape)} and "
+                         f"{tuple(x0_b_pos.shape)}")
     return x0_a_pos + cfg_term(x0_b_pos, x0_b_neg, scale)
 
 

@@ -275,7 +275,8 @@ def generator_direction(
     if condition_weighting not in CONDITION_WEIGHTINGS:
         raise ValueError(f"condition_weighting must be one of {CONDITION_WEIGHTINGS}, got {condition_weighting!r}")
     if divergence != "rkl" and discriminator is None and fake_denoise is not None:
-        raise ValueError(f"divergence={divergence!r} needs a discriminator for the density ratio; use 'rkl' or pass discriminator")
+        raise ValueError(f"divergence={divergence!r} needs a discriminator for the density ratio; "
+                         "use 'rkl' or pass discriminator")
     if (log_likelihood is not None or reward is not None) and consistency_denoise is None:
         raise ValueError("the condition and reward terms need consistency_denoise (the fake score + consistency LoRA, Eq. 8)")
     if cfg_scale != 1.0 and guidance_denoise is None:

@@ -711,21 +711,24 @@ def load_sd1_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype
     """
     path = Path(path)
     sd, meta = read_state_dict(path, allow_pickle)
-    expected = "expected an SD1.x single-file checkpoint (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*)"
+    expected = ("expected an SD1.x single-file checkpoint (model.diffusion_model.*, first_stage_model.*, "
+                "cond_stage_model.transformer.*)")
     family = _describe(sd)
     if family:
         raise ValueError(f"{path}: found {family}; {expected}")
     unet_sd = strip_prefix(sd, UNET_PREFIX)
     if not unet_sd:
         if "input_blocks.0.0.weight" in sd:
-            raise ValueError(f"{path}: found a UNet-only file (bare LDM UNet keys); {expected}. Load it with load_unet, or pass it as a UNet/student")
+            raise ValueError(f"{path}: found a UNet-only file (bare LDM UNet keys); {expected}. "
+                             "Load it with load_unet, or pass it as a UNet/student")
         if "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd):
             raise ValueError(f"{path}: found a diffusers-layout UNet; {expected}")
         raise ValueError(f"{path}: found no model.diffusion_model.* keys; {expected}")
     _check_sd1_unet(unet_sd, path, "checkpoint")
     clip_sd = convert_clip_keys(sd)
     if not any(k.startswith(VAE_PREFIX) for k in sd) or not clip_sd:
-        missing = [p for p, ok in ((VAE_PREFIX, any(k.startswith(VAE_PREFIX) for k in sd)), (CLIP_PREFIX, bool(clip_sd))) if not ok]
+        present = ((VAE_PREFIX, any(k.startswith(VAE_PREFIX) for k in sd)), (CLIP_PREFIX, bool(clip_sd)))
+        missing = [p for p, ok in present if not ok]
         raise ValueError(f"{path}: found a UNet-only checkpoint (no {' / '.join(missing)} keys); {expected}")
     heads = int(meta["jdm.text_heads"]) if "jdm.text_heads" in meta else None
     unet_heads = int(meta.get("jdm.unet_heads", SD1_ATTENTION_HEADS))
@@ -766,7 +769,8 @@ def load_controlnet(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     cn_sd = strip_prefix(sd, CONTROL_PREFIX) or sd
     if "zero_convs.0.0.weight" not in cn_sd or "input_hint_block.0.weight" not in cn_sd:
         family = _describe(sd) if not any("zero_convs" in k for k in sd) else None
-        raise ValueError(f"{path}: found {family if family and 'ControlNet' not in family else 'no ControlNet keys (zero_convs, input_hint_block)'}; expected an SD1.x ControlNet")
+        found = family if family and "ControlNet" not in family else "no ControlNet keys (zero_convs, input_hint_block)"
+        raise ValueError(f"{path}: found {found}; expected an SD1.x ControlNet")
     _check_sd1_unet(cn_sd, path, "ControlNet")
     config = infer_controlnet_config(cn_sd, int(meta.get("jdm.unet_heads", SD1_ATTENTION_HEADS)))
     converted = convert_controlnet_checkpoint(cn_sd, config)

@@ -170,7 +170,8 @@ def test_depth_matches_direct_model_call(tmp_path):
 def test_depth_input_size_follows_dpt_image_processor(hw, pre):
     from transformers.models.dpt.image_processing_pil_dpt import get_resize_output_image_size
 
-    ref = get_resize_output_image_size(np.zeros((3, *hw)), (pre["height"], pre["width"]), pre["keep_aspect_ratio"], pre["multiple"])
+    ref = get_resize_output_image_size(np.zeros((3, *hw)), (pre["height"], pre["width"]), pre["keep_aspect_ratio"],
+                                       pre["multiple"])
     assert model_input_size(*hw, pre) == (ref.height, ref.width)
 
 

@@ -146,7 +146,8 @@ def test_f_weights_multiply_each_sample_of_the_fidelity_term():
 
 def test_discriminator_loss_is_minimised_by_the_log_density_ratio():
     g = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(200_000, generator=g, dtype=torch.float64) + 1.0, torch.randn(200_000, generator=g, dtype=torch.float64)
+    real = torch.randn(200_000, generator=g, dtype=torch.float64) + 1.0
+    fake = torch.randn(200_000, generator=g, dtype=torch.float64)
     log_ratio = lambda v: v - 0.5  # log N(v; 1, 1) - log N(v; 0, 1)  # noqa: E731
     values = [losses.discriminator_loss(log_ratio(real) + c, log_ratio(fake) + c)[0].item() for c in (-0.3, 0.0, 0.3)]
     assert values[1] < values[0] and values[1] < values[2]

@@ -146,7 +146,8 @@ def test_tokenizer_folder_beside_checkpoint_wins(tmp_path, monkeypatch):
     folder = tmp_path / "tokenizer"
     folder.mkdir()
     # a two-word vocabulary: only this folder can produce these ids
-    (folder / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1, "c": 2, "a": 3, "t</w>": 4, "ca": 5, "cat</w>": 6}')
+    (folder / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1, "c": 2, "a": 3, "t</w>": 4, '
+                                       '"ca": 5, "cat</w>": 6}')
     (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     tok = model_io.load_tokenizer(tmp_path / "model.safetensors")
     assert tok("cat").input_ids == [0, 6, 1]
@@ -156,7 +157,8 @@ def test_tokenizer_from_comfyui_root(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     folder = tmp_path / "comfy" / "comfy" / "sd1_tokenizer"
     folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1, "c": 2, "a": 3, "t</w>": 4, "ca": 5, "cat</w>": 7}')
+    (folder / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1, "c": 2, "a": 3, "t</w>": 4, '
+                                       '"ca": 5, "cat</w>": 7}')
     (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     tok = model_io.load_tokenizer(tmp_path / "m.safetensors", comfyui_root=tmp_path / "comfy")
     assert tok("cat").input_ids == [0, 7, 1]

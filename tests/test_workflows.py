@@ -1,4 +1,5 @@
-"""The shipped workflows (example_workflows/*.json, the folder ComfyUI serves as the pack's templates) checked without ComfyUI against the node schemas.
+"""The shipped workflows (example_workflows/*.json, the folder ComfyUI serves as the pack's templates)
+checked without ComfyUI against the node schemas.
 
 Schemas: the core nodes of ComfyUI 0.3.64 (../shared/comfyui/object_info.json beside the repository, where it
 exists, else nodes/core_object_info.json, the subset the workflows use, checked equal to it)

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     p.add_argument("--out", type=Path, default=Path("bench_paper"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise")
-    p.add_argument("--train-arg", action="append", default=[], help="extra trainer flag (repeatable), e.g. --train-arg=--cfg-scale=2")
+    p.add_argument("--train-arg", action="append", default=[],
+                   help="extra trainer flag (repeatable), e.g. --train-arg=--cfg-scale=2")
     return p.parse_args(argv)
 
 

@@ -22,7 +22,8 @@ import torch
 from jdm_train import toy
 from jdm_train.losses import DIVERGENCES
 
-HEADER = "| method | divergence | fidelity SW2 (lower) | x floor | consistency (truth {truth:.3f}) | light-mode mass (truth {light:.3f}) | wall s | cpu s |"
+HEADER = ("| method | divergence | fidelity SW2 (lower) | x floor | consistency (truth {truth:.3f}) "
+          "| light-mode mass (truth {light:.3f}) | wall s | cpu s |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,14 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="print JDM (rkl) over condition weights 1, 0.3, 0.1, 0.03, 0.01")
     p.add_argument("--referee", action="store_true",
                    help="exact grad log p(c|x_t) vs the consistency-model estimate, over --seeds (default 0 1 2 3)")
-    p.add_argument("--condition-weight", type=float, default=toy.TOY_CONDITION_WEIGHT, help="JDM condition weight (default %(default)s)")
+    p.add_argument("--condition-weight", type=float, default=toy.TOY_CONDITION_WEIGHT,
+                   help="JDM condition weight (default %(default)s)")
     p.add_argument("--n", type=int, default=4000, help="evaluation samples per condition (default 4000)")
     return p.parse_args(argv)
 
 
 def run(world: toy.ToyWorld, method: str, divergence: str, args, seed: int, **kw) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
-    trained = toy.train(world, method, divergence, steps=args.steps, seed=seed, condition_weight=kw.pop("condition_weight", args.condition_weight), **kw)
+    weight = kw.pop("condition_weight", args.condition_weight)
+    trained = toy.train(world, method, divergence, steps=args.steps, seed=seed, condition_weight=weight, **kw)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     metrics = toy.evaluate(world, toy.student_sampler(trained.student), n=args.n, seed=seed)
     return {**metrics, "wall": wall, "cpu": cpu}
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(sep)
     if args.sweep:
         for cw in (1.0, 0.3, 0.1, 0.03, 0.01):
-            print(_row(f"JDM w_c={cw:g}", "rkl", run(world, "jdm", "rkl", args, args.seed, condition_weight=cw), floor["sw2"]), flush=True)
+            m = run(world, "jdm", "rkl", args, args.seed, condition_weight=cw)
+            print(_row(f"JDM w_c={cw:g}", "rkl", m, floor["sw2"]), flush=True)
         return 0
     for div in DIVERGENCES:
         print(_row("JDM", div, run(world, "jdm", div, args, args.seed), floor["sw2"]), flush=True)
@@ -109,7 +113,8 @@ def _referee(world: toy.ToyWorld, args, floor: dict) -> int:
 
 
 def _spread(world: toy.ToyWorld, args, floor: dict) -> int:
-    print(f"spread over seeds {args.seeds} (mean / std / min / max); floor SW2 {floor['sw2']:.3f}, truth consistency {floor['consistency']:.3f}")
+    print(f"spread over seeds {args.seeds} (mean / std / min / max); floor SW2 {floor['sw2']:.3f}, "
+          f"truth consistency {floor['consistency']:.3f}")
     print("| method | metric | mean | std | min | max |")
     print("|---|---|---|---|---|---|")
     if args.divergences:

@@ -292,3 +292,43 @@ def test_hed_preprocessor_node_reads_only_the_annotator_folders(cui, tmp_path):
             node.execute(img, safe=False, weights=name)
     with pytest.raises(FileNotFoundError, match="ControlNetHED"):
         node.execute(img, safe=False, weights="missing/ControlNetHED.pth")
+
+
+def test_depth_preprocessor_node_lists_model_folders(cui, tmp_path):
+    """Depth with a tiny random DPT saved as a transformers folder in models/annotators: the `model`
+    combo offers the folder (not the weight files inside it, nor to HED), the node equals the
+    extractor on it, and any path is refused whether or not it exists."""
+    import folder_paths
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from jdm_train import extractors
+
+    _, base = cui
+    annotators = base / "models" / "annotators"
+    annotators.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("annotators", str(annotators))
+    torch.manual_seed(0)
+    cfg = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
+                    patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+                    fusion_hidden_size=8, head_hidden_size=8, use_auxiliary_head=False)
+    model = DPTForDepthEstimation(cfg).eval()
+    model.save_pretrained(annotators / "jdm_test_depth")
+    model.save_pretrained(tmp_path / "outside-depth")
+    node = _node(cui, "JDM_DepthPreprocessor")
+    spec = node.GET_NODE_INFO_V1()["input"]["required"]["model"]
+    assert spec[0] == "COMBO" and spec[1]["default"] == "dpt-hybrid-midas"
+    assert spec[1]["options"][0] == "dpt-hybrid-midas" and "jdm_test_depth" in spec[1]["options"]
+    assert not any(o.startswith("jdm_test_depth/") for o in spec[1]["options"])
+    hed = _node(cui, "JDM_HEDPreprocessor").GET_NODE_INFO_V1()["input"]["required"]["weights"][1]["options"]
+    assert not any(o.startswith("jdm_test_depth") for o in hed)
+    img = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    out, control = node.execute(img, resolution=32, model="jdm_test_depth").result
+    ref = extractors.run_extractor("depth", img.movedim(-1, 1), resolution=32,
+                                   model=str(annotators / "jdm_test_depth")).movedim(1, -1)
+    assert control == "depth" and out.shape == (1, 32, 32, 3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for name in (str(tmp_path / "outside-depth"), str(tmp_path / "no-such-folder"), "../outside-depth"):
+        with pytest.raises(ValueError, match=r"^model: .* is not a name in the annotator folders"):
+            node.execute(img, resolution=32, model=name)
+    with pytest.raises(FileNotFoundError, match=r"(?s)model: depth model folder 'dpt-hybrid-midas' not found"):
+        node.execute(img, resolution=32, model="dpt-hybrid-midas")

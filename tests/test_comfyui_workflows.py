@@ -86,6 +86,9 @@ def test_live_object_info_equals_the_snapshot(server):
     assert ours == json.loads((REPO / "nodes" / "object_info.json").read_text())
     # the live loader combo lists the files in models/controlnet
     assert "jdm_hed.safetensors" in live["JDM_ControlNetLoader"]["input"]["required"]["control_net_name"][1]["options"]
+    # and the HED weights combo the files in models/annotators, after the default name
+    hed_options = live["JDM_HEDPreprocessor"]["input"]["required"]["weights"][1]["options"]
+    assert hed_options[0] == "ControlNetHED.pth" and "ControlNetHED.safetensors" in hed_options
 
 
 def test_pack_workflows_are_served_as_templates(server):

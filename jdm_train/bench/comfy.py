@@ -105,12 +105,26 @@ def pack_object_info(nodes_module, prefix: str = "JDM_") -> dict[str, Any]:
     return empty_file_lists(out)
 
 
+def annotator_params() -> set[str]:
+    """The inputs of the preprocessor nodes that list annotator files (HED's `weights`, depth's
+    `model`): the `param` of every extractor's declared ``ANNOTATOR``."""
+    from jdm_train.extractors import EXTRACTORS
+
+    return {e.ANNOTATOR.param for e in EXTRACTORS.values() if getattr(e, "ANNOTATOR", None) is not None}
+
+
 def empty_file_lists(info: dict[str, Any]) -> dict[str, Any]:
-    """Empty (in place) the options of combos that list model files (they depend on the machine)."""
+    """Empty (in place) the options of combos that list files (they depend on the machine): the
+    model loaders' ``*_name`` combos, and the annotator combos of the preprocessor nodes (whose
+    default name stays, as ``default``)."""
+    annotators = annotator_params()
     for node in info.values():
+        preprocessor = str(node.get("category", "")).endswith("/preprocessors")
         for group in node.get("input", {}).values():
             for name, spec in group.items():
-                if name.endswith("_name") and len(spec) > 1 and isinstance(spec[1], dict) and "options" in spec[1]:
+                if not (len(spec) > 1 and isinstance(spec[1], dict) and "options" in spec[1]):
+                    continue
+                if name.endswith("_name") or (preprocessor and name in annotators):
                     spec[1]["options"] = []
     return info
 

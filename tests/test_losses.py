@@ -410,3 +410,24 @@ def test_timesteps_and_user_errors():
         losses.f_divergence_weight(torch.zeros(3), "tv")
     with pytest.raises(ValueError, match=r"\(B,\)"):
         losses.condition_gradient(x, t, den, lambda img: img.sum())
+
+
+@pytest.mark.parametrize("weighting", losses.CONDITION_WEIGHTINGS)
+def test_exact_condition_replaces_the_estimate_by_the_gradient_of_log_p_c_given_x_t(weighting):
+    """`exact_condition(x_t, t)` is differentiated at x_t itself (no consistency model, no decoder) and
+    weighted as the estimate would be: the direction equals the one the estimate gives when the
+    consistency model is the identity and the likelihood is the same function of x_t."""
+    x, eps, t = _batch(21)
+    real = gaussian_denoiser(torch.zeros(1, 1, dtype=torch.float64), 0.7)
+    log_p = lambda v, tt: -(v - 0.3).pow(2).flatten(1).sum(1) * (1 + tt.double() / 1000)  # noqa: E731
+    g_exact, _ = losses.generator_direction(x, t, eps, S, real, None, exact_condition=log_p,
+                                            condition_weighting=weighting)
+    g_ref, _ = losses.generator_direction(x, t, eps, S, real, None, consistency_denoise=lambda v, tt, c: v,
+                                          log_likelihood=lambda v: log_p(v, t), condition_weighting=weighting)
+    torch.testing.assert_close(g_exact, g_ref)
+    x_t = S.add_noise(x, eps, t)
+    grad = -2 * (x_t - 0.3) * (1 + t.double() / 1000).reshape(-1, 1, 1, 1)
+    alpha, sigma = S.alpha_sigma(t, x)
+    scale = {"eq5": losses.term_scale(x, real(x_t, t, None), t, S),
+             "snr": losses.term_scale(x, real(x_t, t, None), t, S) * (alpha / sigma) ** 2, "x0": alpha}[weighting]
+    torch.testing.assert_close(g_exact, scale * grad)  # Eq. 5's weighting written out, on the analytic gradient

@@ -20,7 +20,7 @@ import time
 import torch
 
 from jdm_train import toy
-from jdm_train.losses import DIVERGENCES
+from jdm_train.losses import CONDITION_WEIGHTINGS, DIVERGENCES
 
 HEADER = ("| method | divergence | fidelity SW2 (lower) | x floor | consistency (truth {truth:.3f}) "
           "| light-mode mass (truth {light:.3f}) | wall s | cpu s |")
@@ -38,14 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exact grad log p(c|x_t) vs the consistency-model estimate, over --seeds (default 0 1 2 3)")
     p.add_argument("--condition-weight", type=float, default=toy.TOY_CONDITION_WEIGHT,
                    help="JDM condition weight (default %(default)s)")
+    p.add_argument("--condition-weighting", default=toy.TOY_CONDITION_WEIGHTING, choices=CONDITION_WEIGHTINGS,
+                   help="JDM condition weighting across t (default %(default)s)")
     p.add_argument("--n", type=int, default=4000, help="evaluation samples per condition (default 4000)")
     return p.parse_args(argv)
 
 
 def run(world: toy.ToyWorld, method: str, divergence: str, args, seed: int, **kw) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
-    weight = kw.pop("condition_weight", args.condition_weight)
-    trained = toy.train(world, method, divergence, steps=args.steps, seed=seed, condition_weight=weight, **kw)
+    kw.setdefault("condition_weight", args.condition_weight)
+    kw.setdefault("condition_weighting", args.condition_weighting)
+    trained = toy.train(world, method, divergence, steps=args.steps, seed=seed, **kw)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     metrics = toy.evaluate(world, toy.student_sampler(trained.student), n=args.n, seed=seed)
     return {**metrics, "wall": wall, "cpu": cpu}

@@ -172,7 +172,8 @@ def check_workflow(workflow: dict, object_info: dict) -> list[str]:
         outputs = info.get("output", [])
         for slot, out in enumerate(node.get("outputs", [])):
             if slot >= len(outputs) or out["type"] != outputs[slot]:
-                errors.append(f"{where}: output {slot} type {out['type']!r} != {outputs[slot] if slot < len(outputs) else None!r}")
+                expected = outputs[slot] if slot < len(outputs) else None
+                errors.append(f"{where}: output {slot} type {out['type']!r} != {expected!r}")
             for lid in out.get("links") or []:
                 if lid not in links or links[lid][1] != node["id"] or links[lid][2] != slot:
                     errors.append(f"{where}: output {slot} lists link {lid} that does not start here")
@@ -237,7 +238,8 @@ class Graph:
         unknown = list(widgets)
         if unknown:
             raise ValueError(f"{type_}: no widgets named {unknown}")
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size or (315, 40 + 22 * (len(values) + max(len(inputs), len(info["output"]))))),
+        size = size or (315, 40 + 22 * (len(values) + max(len(inputs), len(info["output"]))))
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size),
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": inputs,
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                             for i, (n, t) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))],

@@ -1,7 +1,8 @@
 """Our exports in a real ComfyUI: UNETLoader's and ControlNetLoader's code paths load them,
 and one sampling step matches the same step computed with diffusers.
 
-Needs COMFYUI_PATH (a ComfyUI checkout with its requirements installed); skips cleanly without it (`comfy` fixture in conftest.py).
+Needs COMFYUI_PATH (a ComfyUI checkout with its requirements installed); skips cleanly without it
+(`comfy` fixture in conftest.py).
 """
 
 import math

@@ -1,7 +1,8 @@
 """The student LoRA export in a real ComfyUI: LoraLoaderModelOnly's code path
 (`comfy.sd.load_lora_for_models`) maps every key and patches the base into the merged student.
 
-Needs COMFYUI_PATH (a ComfyUI checkout with its requirements installed); skips cleanly without it (`comfy` fixture in conftest.py).
+Needs COMFYUI_PATH (a ComfyUI checkout with its requirements installed); skips cleanly without it
+(`comfy` fixture in conftest.py).
 """
 
 import pytest

@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = comfyui_path()
     if root is None:
-        print("COMFYUI_PATH is not set: nothing to benchmark (point it at a ComfyUI checkout with its requirements installed; README, Tests and CI)", file=sys.stderr)
+        print("COMFYUI_PATH is not set: nothing to benchmark (point it at a ComfyUI checkout with its requirements "
+              "installed; README, Tests and CI)", file=sys.stderr)
         return 2
     if args.write_object_info:
         with tempfile.TemporaryDirectory(prefix="jdm-object-info-") as base:

@@ -1,7 +1,9 @@
 import os
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Nothing in the suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,3 +31,22 @@ def comfy():
     except ImportError as e:
         pytest.skip(f"ComfyUI at {root} is not importable here: {e}")
     return comfy
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SD1.x teacher checkpoint (jdm_train.fixtures, the real LDM layout) and a folder of 4
+    captioned 72x64 images, for the trainer's end-to-end tests."""
+    from jdm_train import fixtures
+
+    base = tmp_path_factory.mktemp("world")
+    ckpt = fixtures.write_tiny_sd1_checkpoint(base / "tiny.safetensors")
+    data = base / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = np.zeros((72, 64, 3), np.uint8)
+        a[8 + 6 * i: 40 + 6 * i, 10:50] = rng.integers(40, 255, 3)
+        Image.fromarray(a).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a box number {i}")
+    return {"ckpt": ckpt, "data": data, "base": base}

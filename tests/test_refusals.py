@@ -1,4 +1,6 @@
-"""What can refuse a run does so before the first step, as one line; a resume keeps what the user
+"""(The `world` fixture, a tiny checkpoint and data folder, is in conftest.py.)
+
+What can refuse a run does so before the first step, as one line; a resume keeps what the user
 asked for (its learning rates) or refuses what cannot fit (another model, control or objective);
 a streak of non-finite losses does not lose a due checkpoint."""
 
@@ -7,29 +9,11 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
 
 from jdm_train import cli, fixtures, train
 from jdm_train.config import TrainConfig
 
 RES = "64"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("refusals")
-    ckpt = fixtures.write_tiny_sd1_checkpoint(base / "tiny.safetensors")
-    data = base / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        a = np.zeros((64, 64, 3), np.uint8)
-        a[8 + 6 * i: 40 + 6 * i, 10:50] = rng.integers(40, 255, 3)
-        Image.fromarray(a).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"a box number {i}")
-    return {"ckpt": ckpt, "data": data, "base": base}
 
 
 def _argv(world, out, *extra):

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,22 +25,6 @@ RES = "64"
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return env
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny teacher checkpoint and a folder of 4 captioned 72x64 images."""
-    base = tmp_path_factory.mktemp("world")
-    ckpt = fixtures.write_tiny_sd1_checkpoint(base / "tiny.safetensors")
-    data = base / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        a = np.zeros((72, 64, 3), np.uint8)
-        a[8 + 6 * i: 40 + 6 * i, 10:50] = rng.integers(40, 255, 3)
-        Image.fromarray(a).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"a box number {i}")
-    return {"ckpt": ckpt, "data": data, "base": base}
 
 
 def _argv(world, out, *extra):

@@ -99,6 +99,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("mixed_precision", str, MIXED_PRECISION, "Autocast precision (accelerate)."),
     ("gradient_checkpointing", "flag", None, "Recompute activations in the backward pass (less memory)."),
     ("cpu", "flag", None, "Train on the CPU even when an accelerator is present."),
+    ("threads", int, None, "torch CPU threads (0 = torch's default, one per core; beside other busy "
+                           "processes fewer threads degrade more gracefully, python -m jdm_train.bench threads)."),
     ("checkpoint_every", int, None, "Write checkpoint-N/ every this many steps."),
     ("checkpoints_total_limit", int, None, "Keep only the newest this many checkpoints."),
     ("resume", str, None, "'latest' or a checkpoint-N folder to continue from."),

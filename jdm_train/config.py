@@ -98,6 +98,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cpu: bool = False
+    threads: int = 0
     # bookkeeping
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = None
@@ -124,7 +125,7 @@ class TrainConfig:
                      "checkpoint_every", "log_every", "max_nonfinite", "preview_teacher_steps"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("student_lora_rank", "fake_lora_rank", "preview_every"):
+        for name in ("student_lora_rank", "fake_lora_rank", "preview_every", "threads"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "an integer >= 0 (0 = off / full weights)")
         if self.consistency_lora_rank < 1:

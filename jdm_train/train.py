@@ -104,6 +104,8 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         self.config = config.validate()
+        if config.threads:
+            torch.set_num_threads(config.threads)
         if accelerator is None and AcceleratorState._shared_state:
             # A second run in one process (tests, notebooks) may ask for another precision; the
             # process group (PartialState) is kept, only the precision state is rebuilt.

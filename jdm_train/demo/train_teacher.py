@@ -1,21 +1,27 @@
-"""Train the demo world's tiny SD1.x teacher: `python -m jdm_train.demo.train_teacher`.
+"""Train the demo world's small SD1.x teacher: `python -m jdm_train.demo.train_teacher`.
 
 The teacher is the SD1.x architecture at small width, trained from scratch on
 `jdm_train.demo.data` in two stages, as latent diffusion is:
 
 1. VAE (`AutoencoderKL`, 4 levels as SD's: 64x64x3 pixels <-> 8x8x4 latents, the same
    48x compression and factor 8 as SD1.x, so ControlNet hint encoders and latent sizes work
-   unchanged) on random 32x32 crops (the VAE is convolutional; crops make a step cheaper),
-   L1 + L2 + SD's small KL. Its
-   latent scale is then folded into `quant_conv`/`post_quant_conv` so that SD's own
+   unchanged) on random 32x32 crops (the VAE is convolutional; crops make a step cheaper).
+   The loss is L1 + L2 with the shapes' pixels weighted `1 + --vae-fg-weight` times the
+   background's, plus SD's small KL: with a plain pixel loss the background (80-95% of the
+   pixels) dominates, and the decoder draws shapes as blobs of the wrong colour (the first demo
+   teacher's VAE kept the right colours in 21% of held-out images and the right kinds in 9%).
+   Its latent scale is then folded into `quant_conv`/`post_quant_conv` so that SD's own
    `scaling_factor` 0.18215 gives unit-variance latents, as every SD1.x consumer assumes.
-2. UNet (`UNet2DConditionModel`, eps-prediction on the SD1.5 DDPM schedule, cross-attention)
-   jointly with a small `CLIPTextModel` over the real CLIP tokenizer (vocab 49408), on
+2. UNet (`UNet2DConditionModel`, eps-prediction on the SD1.5 DDPM schedule, cross-attention
+   at the 8x8 and 4x4 latent levels, where shapes are 1-3 cells wide and colour is bound to
+   shape) jointly with a small `CLIPTextModel` over the real CLIP tokenizer (vocab 49408), on
    cached latents, with 10% caption dropout so that classifier-free guidance works.
 
 Stages cache their results in `--work`, so an interrupted run resumes. The result is written
 in the single-file SD1.x (LDM) layout by `jdm_train.model_io.save_sd1_checkpoint`, in fp16,
-together with a sample grid of held-out captions.
+together with a sample grid of held-out captions and its quality (`quality.json`: how often
+the data, the VAE's reconstructions and the teacher's samples show what their captions say,
+read by `jdm_train.demo.judge`).
 """
 
 from __future__ import annotations
@@ -47,10 +53,11 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    # GroupNorm(32) is fixed by the SD1.x layout (model I/O infers no group count); with one
-    # channel per group the norm_out layers (decoder: first width, encoder: last width) are
-    # instance norms that erase absolute colour, so those two widths are 64 (2 channels per group).
-    block_out_channels=(64, 32, 32, 64),
+    # GroupNorm(32) is fixed by the SD1.x layout (model I/O infers no group count) and normalises
+    # every group of channels over the whole image, which erases absolute colour in flat regions
+    # unless a group holds several channels: 64 at 64x64 and 32x32 (2 per group; the full-resolution
+    # level costs most of a step), 128 at 16x16 and 8x8, where shapes are decided.
+    block_out_channels=(64, 64, 128, 128),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=32,
@@ -58,13 +65,15 @@ VAE_CONFIG = dict(
     scaling_factor=SD_SCALING_FACTOR,
 )
 # Widths are multiples of 32 because SD1.x consumers (ComfyUI's LDM modules) hard-code GroupNorm(32).
+# Three levels (8x8, 4x4, 2x2 latents): a fourth at 1x1 adds modules (per-call overhead on CPU)
+# and sees nothing. Cross-attention at 8x8 and 4x4, where a caption's colour meets its shape.
 UNET_CONFIG = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(64, 64, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 96, 128),
     layers_per_block=1,
     cross_attention_dim=64,
     attention_head_dim=8,  # SD1's 8 heads: what model I/O and ComfyUI assume
@@ -119,16 +128,48 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
-def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int, log, crop: int = 32) -> None:
-    """L1 + L2 reconstruction + KL (SD's weight 1e-6) on random `crop` x `crop` crops."""
+def background_colours(n: int) -> Tensor:
+    """Background colour of training images 0..n-1, (n, 3) in [-1, 1] (read off their scenes)."""
+    rgb = [data.BACKGROUNDS[data.scene(data.TRAIN_START + i).background] for i in range(n)]
+    return torch.tensor(rgb, dtype=torch.float32) / 255 * 2 - 1
+
+
+def reconstruction_loss(rec: Tensor, x: Tensor, background: Tensor, fg_weight: float, grad_weight: float) -> Tensor:
+    """Pixel L1 + L2 with shape pixels (those off the image's `background` (B, 3)) weighted `1 + fg_weight`,
+    plus `grad_weight` times the L1 between horizontal and vertical image differences (edges).
+
+    Images (B, 3, H, W) in [-1, 1]. The weights are normalised per batch, so the loss of a batch of
+    plain backgrounds is the plain pixel loss.
+    """
+    d = rec - x
+    fg = ((x - background[:, :, None, None]).abs().amax(1, keepdim=True) > 0.1).float()
+    w = 1 + fg_weight * fg
+    loss = (w * (d.abs() + d.pow(2))).mean() / w.mean()
+    if grad_weight:
+        loss = loss + grad_weight * ((d[..., 1:, :] - d[..., :-1, :]).abs().mean() + (d[..., 1:] - d[..., :-1]).abs().mean())
+    return loss
+
+
+def train_vae(vae, images: Tensor, backgrounds: Tensor, steps: int, batch: int, lr: float, seed: int, log,
+              crop: int = 32, fg_weight: float = 4.0, grad_weight: float = 0.0, state: dict | None = None,
+              checkpoint=None, every: int = 250) -> None:
+    """`reconstruction_loss` + KL (SD's weight 1e-6) on random `crop` x `crop` crops of uint8 `images`
+    (N, 3, H, W) whose background colours are `backgrounds` (N, 3) in [-1, 1].
+
+    `state` (from `checkpoint`, called every `every` steps) resumes an interrupted run exactly."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # Start with a small posterior std (log-variance -6): with diffusers' init (std ~1) the
         # decoder first sees mostly sampling noise, which wastes a short CPU budget.
         vae.quant_conv.bias[vae.config.latent_channels :] -= 6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if state is not None:
+        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"]); gen.set_state(state["gen"]); start = state["step"]
+        log(f"vae resumed at step {start}")
     vae.train()
-    for step in range(steps):
+    t0 = time.time()
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
@@ -136,15 +177,17 @@ def train_vae(vae, images: Tensor, steps: int, batch: int, lr: float, seed: int,
         x = images[idx, :, oy : oy + crop, ox : ox + crop].float().div(255) * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
-        l1 = (rec - x).abs().mean()
         kl = post.kl().mean()
         # SD's weighting: 1e-6 * KL summed over latents vs. reconstruction summed over pixels.
-        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * kl / x[0].numel()
+        loss = reconstruction_loss(rec, x, backgrounds[idx], fg_weight, grad_weight) + 1e-6 * kl / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} l1 {l1.item():.4f} kl {kl.item():.1f}")
+            l1 = (rec - x).abs().mean().item()
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} l1 {l1:.4f} kl {kl.item():.1f} ({time.time() - t0:.0f}s)")
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < steps:
+            checkpoint({"vae": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step + 1})
     vae.eval()
 
 
@@ -281,11 +324,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write the single-file SD1.x checkpoint (fp16)")
     p.add_argument("--work", type=Path, default=Path("jdm_teacher_work"), help="cache directory for stages and logs")
     p.add_argument("--n-train", type=int, default=20000, help="number of distinct training images")
-    p.add_argument("--vae-steps", type=int, default=1600, help="VAE optimisation steps")
+    p.add_argument("--vae-steps", type=int, default=4000, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=8, help="VAE batch size (32x32 crops)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
-    p.add_argument("--unet-steps", type=int, default=3500, help="UNet + text-encoder optimisation steps")
-    p.add_argument("--unet-batch", type=int, default=24, help="UNet batch size")
+    p.add_argument("--vae-fg-weight", type=float, default=4.0,
+                   help="extra weight of shape pixels over background pixels in the VAE's pixel loss")
+    p.add_argument("--vae-grad-weight", type=float, default=0.0,
+                   help="weight of an L1 on image gradients (edges) in the VAE's loss (at 2 it slowed learning colours)")
+    p.add_argument("--unet-steps", type=int, default=5000, help="UNet + text-encoder optimisation steps")
+    p.add_argument("--unet-batch", type=int, default=32, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     # One thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait on each other and
@@ -293,6 +340,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--grid-n", type=int, default=32, help="held-out captions in the sample grid")
     p.add_argument("--grid-steps", type=int, default=25, help="DDIM steps of the sample grid")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale of the sample grid (saved as jdm.cfg)")
+    p.add_argument("--eval-n", type=int, default=128,
+                   help="held-out captions scored by jdm_train.demo.judge at the end (quality.json); 0 skips it")
+    p.add_argument("--eval-cfgs", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="guidance scales scored at the end")
     return p.parse_args(argv)
 
 
@@ -313,22 +364,29 @@ def main(argv=None) -> int:
     log(f"args {vars(args)}")
     tokenizer = clip_tokenizer()
     unet, vae, text_encoder = build_models()
+    log(f"parameters: unet {_count(unet)}, vae {_count(vae)}, text encoder {_count(text_encoder)}")
     images = cached_images(work, args.n_train)
     log(f"{images.shape[0]} images ready ({time.time() - t_start:.0f}s)")
 
-    vae_path = work / "vae.pt"
+    vae_path, vae_state_path = work / "vae.pt", work / "vae_state.pt"
     if vae_path.exists():
         vae.load_state_dict(torch.load(vae_path, weights_only=True)); vae.eval()
     else:
-        train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
+        state = torch.load(vae_state_path, weights_only=True) if vae_state_path.exists() else None
+        train_vae(vae, images, background_colours(args.n_train), args.vae_steps, args.vae_batch, args.vae_lr, args.seed,
+                  log, fg_weight=args.vae_fg_weight, grad_weight=args.vae_grad_weight, state=state,
+                  checkpoint=lambda s: _save_atomic(s, vae_state_path))
         k = fold_latent_scale(vae, images)
         log(f"latent scale folded: k={k:.4f}")
         _save_atomic(vae.state_dict(), vae_path)
     vae.requires_grad_(False)
-    with torch.no_grad():
-        x = images[-64:].float().div(255) * 2 - 1
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        log(f"vae reconstruction L1 on 64 images: {(rec - x).abs().mean().item() / 2:.4f} (in [0,1] units)")
+    if args.eval_n > 0:
+        from jdm_train.demo import judge
+
+        held_images, held_captions = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + args.eval_n))
+        rec = judge.vae_reconstructions(vae, held_images)
+        log(f"vae reconstruction L1 on {args.eval_n} held-out images: {(rec - held_images).abs().mean().item():.4f} "
+            f"(in [0,1] units); caption scores {judge.caption_scores(rec, held_captions)}")
 
     lat_path = work / "latents.pt"
     if lat_path.exists():
@@ -351,7 +409,7 @@ def main(argv=None) -> int:
     log(f"training done in {train_seconds:.0f}s")
 
     held = [data.caption(data.HELDOUT_START + i) for i in range(args.grid_n)]
-    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=args.grid_steps, cfg=4.0)
+    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=args.grid_steps, cfg=args.cfg)
     save_grid(grid, work / "samples_heldout_captions.png")
     (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
 
@@ -361,11 +419,31 @@ def main(argv=None) -> int:
         "jdm.config": json.dumps({"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG}),
         "jdm.train_command": "python -m jdm_train.demo.train_teacher " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "jdm.train_seconds": f"{train_seconds:.0f}",
+        "jdm.cfg": f"{args.cfg:g}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_io.save_sd1_checkpoint(args.out, ema_unet.half(), vae.half(), ema_text.half(), metadata)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    if args.eval_n > 0:
+        evaluate_teacher(args.out, work / "quality.json", args.eval_n, args.grid_steps, args.eval_cfgs, log)
     return 0
+
+
+def _count(model) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+
+
+def evaluate_teacher(path: Path, out: Path, n: int, steps: int, cfgs: list[float], log) -> dict:
+    """Caption scores (`jdm_train.demo.judge`) of the written fp16 teacher on `n` held-out captions:
+    data, VAE reconstructions, and samples at each guidance scale in `cfgs`; written to `out` as JSON."""
+    from jdm_train.demo import judge
+
+    pipe = model_io.load_sd1_checkpoint(path)
+    scores = judge.teacher_quality(pipe, n, steps, tuple(cfgs))
+    for name, sc in scores.items():
+        log(f"quality {name}: " + " ".join(f"{k} {v:.3f}" for k, v in sc.items()))
+    out.write_text(json.dumps({"teacher": str(path), "n": n, "steps": steps, "scores": scores}, indent=2) + "\n")
+    return scores
 
 
 if __name__ == "__main__":

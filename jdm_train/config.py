@@ -74,7 +74,7 @@ class TrainConfig:
     reward_weight: float = 1.0
     gan_weight: float = 0.0
     consistency_weight: float = 1.0
-    consistency_points: int = 40
+    consistency_points: int = 10
     consistency_ema: float = 0.95
     fake_updates_per_step: int = 1
     # models' parametrisation

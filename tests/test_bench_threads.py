@@ -23,3 +23,19 @@ def test_bench_threads_prints_one_row_per_thread_count(capsys):
     assert lines[1] == "| torch threads | alone s/step | beside a busy process s/step | slowdown |"
     cells = [c.strip() for c in lines[-1].strip("|").split("|")]
     assert cells[0] == "1" and float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+
+
+def test_the_cli_asks_for_passive_openmp_waits_before_torch_loads():
+    """`python -m jdm_train` sets OMP_WAIT_POLICY=PASSIVE (unless given) before torch is imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom jdm_train import cli\ncli.passive_openmp_waits()\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]
+    given = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(env, OMP_WAIT_POLICY="ACTIVE")).stdout
+    assert given.split()[0] == "ACTIVE"

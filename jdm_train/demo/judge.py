@@ -6,21 +6,21 @@ generator could fool and whose errors would be mixed into every score:
 
 1. **Background**: every pixel goes to its nearest colour (RGB distance) among the backgrounds
    and the shape colours; the background is the background colour with the most pixels.
-2. **Colours**: given the caption's background, every pixel goes to its nearest colour among
-   that background and the shape colours, or to none when it is further than `MAX_DISTANCE`
-   (anti-aliased edges, smudges). A colour has a shape when it has at least `MIN_AREA` pixels
-   (the smallest shape of the world covers about 68).
-3. **Kind**: how much of each pixel is that colour is read as a blend of it and the background
-   (the coverage, 0..1), and compared with a circle, a square and a triangle drawn by
+2. **Colours**: given the caption's background, every pixel is read as a blend of that
+   background and the one shape colour whose blend line passes nearest (within `BLEND_DISTANCE`);
+   the blend weight is the pixel's coverage by that colour, so that a soft edge between blue and
+   grey is part-blue, not purple. A colour has a shape when at least `MIN_AREA` pixels are mostly
+   (coverage >= 0.5) that colour.
+3. **Kind**: the coverage of a colour is compared with a circle, a square and a triangle drawn by
    `data.render` with the same area and centroid; the kind is the template of highest soft IoU
    (sum of minima over sum of maxima), provided that is at least `MIN_IOU`, else the shape
    counts as no kind. A heavily blurred shape fades over many pixels and matches no sharp
    template, so blobs are not counted as circles.
 
-On 256 held-out real images every score is 1.0, also after the feature network's blur-and-noise
-augmentation (the lowest IoU of a real shape is 0.86); with each image given another image's
-caption, backgrounds score 0.26, colours 0.04, kinds 0.05. The first demo teacher's VAE
-reconstructions score backgrounds 1.0, colours 0.21, kinds 0.03.
+On 256 held-out real images every score is 1.0 (the lowest IoU of a real shape is 0.92); after
+the feature network's blur-and-noise augmentation kinds score 0.99 and the rest 1.0; with each
+image given another image's caption, backgrounds score 0.26, colours 0.05, kinds 0.05. The first
+demo teacher's VAE reconstructions score backgrounds 1.0, colours 0.21, kinds 0.06.
 `caption_scores` gives the rates; `python -m jdm_train.demo.judge --teacher FILE` scores a
 teacher's samples for held-out captions beside its VAE's reconstructions and the data itself.
 """
@@ -40,9 +40,9 @@ from torch import Tensor
 from jdm_train.demo import data
 from jdm_train.demo.features import parse_caption
 
-MAX_DISTANCE = 80.0  # RGB units (0..255); distinct named colours are at least 88 apart (white and beige backgrounds)
-BLEND_DISTANCE = 40.0  # RGB units: how far a pixel may be from a blend of a shape's colour and the background
-MIN_AREA = 20  # pixels at 64x64
+BLEND_DISTANCE = 60.0  # RGB units (0..255): how far a pixel may be from a blend of a shape colour and the background
+MIN_ALPHA = 0.25  # coverage below this is a tint of the background, not shape
+MIN_AREA = 20  # pixels at 64x64 mostly of one colour; the smallest shape of the world covers about 68
 MIN_IOU = 0.7
 
 SHAPE_COLOURS = tuple(sorted(data.COLOURS))
@@ -82,38 +82,40 @@ def _template(kind: str, cx: float, cy: float, size: float) -> Tensor:
     return torch.from_numpy((data.render(sc)[..., 0].astype("float32") - lo) / (hi - lo)).clamp(0, 1)
 
 
-def _coverage(pixels: Tensor, labels: Tensor, index: int, colour: Tensor, background: Tensor) -> Tensor:
-    """How much of each pixel is `colour` over `background`, read as a blend of the two (64 * 64,)
-    in [0, 1]. Pixels nearer another colour, or far from every blend of these two (the
-    anti-aliased edge of another shape), count 0."""
-    axis = colour - background
-    alpha = ((pixels - background) @ axis / axis.dot(axis)).clamp(0, 1)
-    off_blend = (pixels - background - alpha[:, None] * axis).norm(dim=1)
-    keep = ((labels == index) | (labels == -1)) & (off_blend <= BLEND_DISTANCE)
-    return torch.where(keep, alpha, torch.zeros_like(alpha))
+def coverages(image: Tensor, background: str) -> dict[str, Tensor]:
+    """{shape colour: coverage (64, 64) in [0, 1]} of one image (3, H, W) in [0, 1] on `background`.
+
+    Every pixel is read as a blend `background + alpha * (colour - background)` of the background
+    and the one shape colour whose blend line passes nearest to it, so that the anti-aliased or
+    blurred edge of a blue shape on grey counts as part-blue rather than as purple; `alpha` is its
+    coverage. Pixels further than `BLEND_DISTANCE` from every line, and faint tints (alpha below
+    `MIN_ALPHA`), cover nothing."""
+    names = [c for c in SHAPE_COLOURS if c != background]
+    bg = _rgb([background], data.BACKGROUNDS)[0]
+    axes = _rgb(names, data.COLOURS) - bg  # (K, 3)
+    rel = _pixels(image) - bg  # (P, 3)
+    alpha = (rel @ axes.T / (axes * axes).sum(1)).clamp(0, 1)  # (P, K)
+    off = (rel[:, None, :] - alpha[..., None] * axes).norm(dim=-1)
+    dist, best = off.min(1)
+    a = alpha.gather(1, best[:, None])[:, 0]
+    a = torch.where((dist <= BLEND_DISTANCE) & (a >= MIN_ALPHA), a, torch.zeros_like(a))
+    return {c: torch.where(best == k, a, torch.zeros_like(a)).reshape(data.IMAGE_SIZE, data.IMAGE_SIZE)
+            for k, c in enumerate(names)}
 
 
 def read_objects(image: Tensor, background: str) -> dict[str, tuple[str | None, float]]:
     """{colour: (kind or None, soft IoU with that kind's template)} for every colour with a shape in
     one image (3, H, W) in [0, 1], given its background (the caption's).
 
+    A colour has a shape when at least `MIN_AREA` pixels are mostly that colour (coverage >= 0.5).
     The IoU is soft (sum of minima over sum of maxima of the two coverages), so a blurred shape,
     whose coverage fades over several pixels, matches no sharp template well."""
-    names = [background] + [c for c in SHAPE_COLOURS if c != background]
-    palette = torch.cat([_rgb([background], data.BACKGROUNDS), _rgb(names[1:], data.COLOURS)])
-    pixels = _pixels(image)
-    dist, labels = torch.cdist(pixels, palette).min(1)
-    labels[dist > MAX_DISTANCE] = -1
     found = {}
-    for i, colour in enumerate(names[1:], 1):
-        if int((labels == i).sum()) < MIN_AREA:
+    ys, xs = torch.meshgrid(torch.arange(data.IMAGE_SIZE) + 0.5, torch.arange(data.IMAGE_SIZE) + 0.5, indexing="ij")
+    for colour, cov in coverages(image, background).items():
+        if int((cov >= 0.5).sum()) < MIN_AREA:
             continue
-        cov = _coverage(pixels, labels, i, palette[i], palette[0]).reshape(data.IMAGE_SIZE, data.IMAGE_SIZE)
         area = cov.sum().item()
-        if area < 1:  # the colour is there, but not as a blend with the background: no shape drawn
-            found[colour] = (None, 0.0)
-            continue
-        ys, xs = torch.meshgrid(torch.arange(data.IMAGE_SIZE) + 0.5, torch.arange(data.IMAGE_SIZE) + 0.5, indexing="ij")
         cy, cx = (cov * ys).sum().item() / area, (cov * xs).sum().item() / area
         best, best_kind = -1.0, None
         for kind in data.SHAPES:

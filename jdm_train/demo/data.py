@@ -170,7 +170,8 @@ class ShapesDataset(Dataset):
         image = image_tensor(index)
         if self.resolution != IMAGE_SIZE:
             size = (self.resolution, self.resolution)
-            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True,
+                                                    align_corners=False)[0]
         return {"image": image, "caption": caption(index), "index": index}
 
 

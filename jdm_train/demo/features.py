@@ -42,7 +42,8 @@ def parse_caption(caption: str) -> tuple[str, list[tuple[str, str]], str | None]
     """(background, [(colour, shape), ...], relation) of a demo-world caption."""
     m = _CAPTION.match(caption.strip())
     if m is None:
-        raise ValueError(f"not a demo-world caption: {caption!r}; expected e.g. 'a red circle above a blue square on a grey background'")
+        raise ValueError(f"not a demo-world caption: {caption!r}; "
+                         "expected e.g. 'a red circle above a blue square on a grey background'")
     c0, k0, rel, c1, k1, bg = m.groups()
     objs = [(c0, k0)] + ([(c1, k1)] if rel else [])
     for c, k in objs:
@@ -84,7 +85,8 @@ class ShapeNet(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 64). Other sizes are resized to 64x64 first."""
         if images.shape[-2:] != (data.IMAGE_SIZE, data.IMAGE_SIZE):
-            images = F.interpolate(images, size=(data.IMAGE_SIZE, data.IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(images, size=(data.IMAGE_SIZE, data.IMAGE_SIZE), mode="bilinear", antialias=True,
+                                   align_corners=False)
         return self.body(images * 2 - 1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,7 +142,8 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return (x + noise).clamp(0, 1)
 
 
-def train_feature_net(n_train: int = 5000, steps: int = 2500, batch: int = 32, lr: float = 3e-3, seed: int = 0, log=print) -> ShapeNet:
+def train_feature_net(n_train: int = 5000, steps: int = 2500, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+                      log=print) -> ShapeNet:
     """Cross-entropy on the background and on every colour's shape class."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"jdm.kind": "demo_features", "jdm.train_command": "python -m jdm_train.demo.features " + " ".join(argv or [])})
+              metadata={"jdm.kind": "demo_features",
+                        "jdm.train_command": "python -m jdm_train.demo.features " + " ".join(argv or [])})
     tmp.replace(args.out)
     print(f"wrote {args.out}")
     return 0

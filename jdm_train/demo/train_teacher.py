@@ -165,7 +165,10 @@ def train_vae(vae, images: Tensor, backgrounds: Tensor, steps: int, batch: int, 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start = 0
     if state is not None:
-        vae.load_state_dict(state["vae"]); opt.load_state_dict(state["opt"]); gen.set_state(state["gen"]); start = state["step"]
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
         log(f"vae resumed at step {start}")
     vae.train()
     t0 = time.time()
@@ -245,10 +248,15 @@ def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Ten
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     start = 0
     if state is not None:
-        unet.load_state_dict(state["unet"]); text_encoder.load_state_dict(state["text"])
-        ema_unet.load_state_dict(state["ema_unet"]); ema_text.load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"]); gen.set_state(state["gen"]); start = state["step"]
-    unet.train(); text_encoder.train()
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    unet.train()
+    text_encoder.train()
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -281,7 +289,8 @@ def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Ten
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps: int = 25, cfg: float = 4.0, seed: int = 0) -> Tensor:
+def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps: int = 25, cfg: float = 4.0,
+                  seed: int = 0) -> Tensor:
     """Teacher samples for `captions`: images (B, 3, 64, 64) in [0, 1], `steps` DDIM steps with CFG."""
     from jdm_train.evaluate import Teacher
 
@@ -358,7 +367,8 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
-        logf.write(line + "\n"); logf.flush()
+        logf.write(line + "\n")
+        logf.flush()
 
     t_start = time.time()
     log(f"args {vars(args)}")
@@ -370,7 +380,8 @@ def main(argv=None) -> int:
 
     vae_path, vae_state_path = work / "vae.pt", work / "vae_state.pt"
     if vae_path.exists():
-        vae.load_state_dict(torch.load(vae_path, weights_only=True)); vae.eval()
+        vae.load_state_dict(torch.load(vae_path, weights_only=True))
+        vae.eval()
     else:
         state = torch.load(vae_state_path, weights_only=True) if vae_state_path.exists() else None
         train_vae(vae, images, background_colours(args.n_train), args.vae_steps, args.vae_batch, args.vae_lr, args.seed,
@@ -417,7 +428,8 @@ def main(argv=None) -> int:
         "jdm.kind": "teacher",
         "jdm.base": "demo",
         "jdm.config": json.dumps({"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG}),
-        "jdm.train_command": "python -m jdm_train.demo.train_teacher " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "jdm.train_command": "python -m jdm_train.demo.train_teacher "
+                             + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "jdm.train_seconds": f"{train_seconds:.0f}",
         "jdm.cfg": f"{args.cfg:g}",
     }

@@ -149,8 +149,12 @@ def caption_scores(images: Tensor, captions: list[str]) -> dict[str, float]:
         c = set(found) == {colour for colour, _ in objs}
         hits = [colour in found and found[colour][0] == kind for colour, kind in objs]
         k = all(hits)
-        bg_ok += b; colours_ok += c; kinds_ok += k; all_ok += b and c and k
-        n_obj += len(hits); obj_ok += sum(hits)
+        bg_ok += b
+        colours_ok += c
+        kinds_ok += k
+        all_ok += b and c and k
+        n_obj += len(hits)
+        obj_ok += sum(hits)
     n = len(captions)
     return {"background": bg_ok / n, "colours": colours_ok / n, "kinds": kinds_ok / n,
             "kinds_per_object": obj_ok / max(1, n_obj), "all": all_ok / n}
@@ -167,7 +171,8 @@ def vae_reconstructions(vae, images: Tensor, chunk: int = 64) -> Tensor:
     return torch.cat(out)
 
 
-def teacher_quality(pipe, n: int = 128, steps: int = 25, cfgs: tuple[float, ...] = (4.0,), seed: int = 0) -> dict[str, dict[str, float]]:
+def teacher_quality(pipe, n: int = 128, steps: int = 25, cfgs: tuple[float, ...] = (4.0,),
+                    seed: int = 0) -> dict[str, dict[str, float]]:
     """Caption scores on the first `n` held-out captions: the data, the VAE's reconstructions and,
     for each guidance scale in `cfgs`, the teacher's `steps`-step DDIM samples from seeded noise."""
     from jdm_train.evaluate import Teacher
@@ -207,7 +212,8 @@ def main(argv=None) -> int:
         print(f"{name:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
     print(f"({args.n} held-out captions, {time.time() - t0:.0f}s)")
     if args.json:
-        args.json.write_text(json.dumps({"teacher": str(path), "n": args.n, "steps": args.steps, "scores": scores}, indent=2) + "\n")
+        report = {"teacher": str(path), "n": args.n, "steps": args.steps, "scores": scores}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -741,8 +741,7 @@ def checkpoint_bytes(trainer: "Trainer") -> int:
     """About what one checkpoint and one export set take on disk: trained weights, two Adam moments
     and the EMAs in float32, plus the exported student and ControlNet."""
     trained = sum(p.numel() for opt in trainer.optimizers.values() for g in opt.param_groups for p in g["params"])
-    averaged = sum(len(ema.shadow_params) and sum(p.numel() for p in ema.shadow_params)
-                   for ema, _ in _emas(trainer).values())
+    averaged = sum(p.numel() for ema, _ in _emas(trainer).values() for p in ema.shadow_params)
     exported = sum(p.numel() for p in trainer.roles.student.unet.parameters()) + \
         sum(p.numel() for p in trainer.roles.controlnet.parameters())
     return 4 * (3 * trained + averaged + exported)

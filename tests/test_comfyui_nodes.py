@@ -25,7 +25,7 @@ BASE = "comfy-detectable-sd15-fixture"
 @pytest.fixture(scope="module")
 def cui(tmp_path_factory):
     from jdm_train import fixtures
-    from jdm_train.bench.comfy import import_comfyui
+    from tools.comfyui import import_comfyui
 
     base = tmp_path_factory.mktemp("comfy-base")
     nodes = import_comfyui(os.environ["COMFYUI_PATH"], base)
@@ -69,11 +69,11 @@ def test_pack_registers_its_nodes(cui):
 
 
 def test_object_info_snapshot_is_current(cui):
-    """nodes/object_info.json is what this ComfyUI reports (regenerate: python -m jdm_train.bench comfy --write-object-info)."""
-    from jdm_train.bench.comfy import pack_object_info
+    """tools/object_info.json is what this ComfyUI reports (regenerate: python -m tools.schemas)."""
+    from tools.comfyui import pack_object_info
 
     live = pack_object_info(cui[0])
-    saved = json.loads((REPO / "nodes" / "object_info.json").read_text())
+    saved = json.loads((REPO / "tools" / "object_info.json").read_text())
     assert live == saved
 
 

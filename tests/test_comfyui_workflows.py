@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from jdm_train.bench.comfy import load_pack_module
+from tools import example_workflows
+from tools import workflow_format as wf
+from tools.comfyui import ComfyServer, empty_file_lists
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -24,9 +26,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-
-
-wf = load_pack_module("workflow_format")
 
 
 def _write_models(base: Path) -> None:
@@ -38,15 +37,14 @@ def _write_models(base: Path) -> None:
     from jdm_train import fixtures
     from jdm_train.extractors.hed import HEDNetwork
 
-    gen = load_pack_module("example_workflows")
     m = base / "models"
-    fixtures.write_comfy_detectable_sd15(m / "checkpoints" / gen.TEACHER, seed=0)
-    fixtures.write_comfy_detectable_sd15(m / "checkpoints" / gen.GUIDANCE_TEACHER, seed=1)
-    fixtures.write_comfy_detectable_unet(m / "unet" / gen.STUDENT, seed=0, metadata={"jdm.timestep": "999"})
+    fixtures.write_comfy_detectable_sd15(m / "checkpoints" / example_workflows.TEACHER, seed=0)
+    fixtures.write_comfy_detectable_sd15(m / "checkpoints" / example_workflows.GUIDANCE_TEACHER, seed=1)
+    fixtures.write_comfy_detectable_unet(m / "unet" / example_workflows.STUDENT, seed=0, metadata={"jdm.timestep": "999"})
     for i, control in enumerate(("hed", "canny", "lowres")):
         fixtures.write_comfy_detectable_controlnet(m / "controlnet" / f"jdm_{control}.safetensors", seed=i,
                                                    metadata={"jdm.control": control, "jdm.timestep": "999"})
-    fixtures.write_comfy_detectable_controlnet(m / "controlnet" / gen.TEACHER_CANNY_CONTROLNET, seed=7)
+    fixtures.write_comfy_detectable_controlnet(m / "controlnet" / example_workflows.TEACHER_CANNY_CONTROLNET, seed=7)
     torch.manual_seed(0)
     (m / "annotators").mkdir(parents=True, exist_ok=True)
     save_file(HEDNetwork().state_dict(), str(m / "annotators" / "ControlNetHED.safetensors"))
@@ -60,8 +58,6 @@ def _write_models(base: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from jdm_train.bench.comfy import ComfyServer
-
     base = tmp_path_factory.mktemp("comfy-server")
     _write_models(base)
     with ComfyServer(os.environ["COMFYUI_PATH"], base) as s:
@@ -79,11 +75,9 @@ def _shrink(prompt: dict) -> dict:
 
 
 def test_live_object_info_equals_the_snapshot(server):
-    from jdm_train.bench.comfy import empty_file_lists
-
     live = server.get("/object_info")
     ours = empty_file_lists(json.loads(json.dumps({k: v for k, v in live.items() if k.startswith("JDM_")})))
-    assert ours == json.loads((REPO / "nodes" / "object_info.json").read_text())
+    assert ours == json.loads((REPO / "tools" / "object_info.json").read_text())
     # the live loader combo lists the files in models/controlnet
     assert "jdm_hed.safetensors" in live["JDM_ControlNetLoader"]["input"]["required"]["control_net_name"][1]["options"]
     # and the HED weights combo the files in models/annotators, after the default name

@@ -28,8 +28,7 @@ def test_root_init_imports_without_comfyui_and_defines_no_v1_mappings():
     assert not hasattr(mod, "comfy_entrypoint")  # only inside ComfyUI
 
 
-# example_workflows.py is a developer script (run with the pack installed), never imported by ComfyUI
-NODE_MODULES = [p for p in sorted((REPO / "nodes").glob("*.py")) if p.name != "example_workflows.py"]
+NODE_MODULES = sorted((REPO / "nodes").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", NODE_MODULES + [REPO / "__init__.py"], ids=lambda p: p.name)

@@ -1,7 +1,8 @@
 """What the registry and pip read: licence, icon, dependencies, and what `comfy node pack` leaves out.
 
 Runtime dependencies are what the runtime imports: the imports of jdm_train/ and nodes/
-(benchmarks and the workflow generator are developer tools, covered by the test extra)
+(the benchmarks and tools/ are developer tools, covered by the test extra, and the runtime never
+imports them)
 map one to one onto pyproject's dependencies, and requirements.txt (what ComfyUI-Manager
 installs) lists the same minus torch.
 """
@@ -28,7 +29,7 @@ COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "latent
 DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image"}
 # Declared for a file, not an import: model_io reads openai-clip's BPE vocabulary without importing clip.
 DATA_ONLY = {"openai-clip"}
-DEV_TOOLS = ("jdm_train/bench/", "nodes/example_workflows.py")
+DEV_TOOLS = ("jdm_train/bench/", "tools/")
 
 
 def requirement_name(req: str) -> str:
@@ -48,14 +49,15 @@ def imported_distributions(paths: list[Path]) -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top in COMFYUI_MODULES or top == "jdm_train":
+                if top in sys.stdlib_module_names or top in COMFYUI_MODULES or top in ("jdm_train", "tools"):
                     continue
                 found.setdefault(DISTRIBUTION.get(top, top).lower(), set()).add(str(path.relative_to(REPO)))
     return found
 
 
 def pack_sources() -> tuple[list[Path], list[Path]]:
-    files = [REPO / "__init__.py", *sorted((REPO / "jdm_train").rglob("*.py")), *sorted((REPO / "nodes").rglob("*.py"))]
+    files = [REPO / "__init__.py", *sorted((REPO / "jdm_train").rglob("*.py")), *sorted((REPO / "nodes").rglob("*.py")),
+             *sorted((REPO / "tools").rglob("*.py"))]
     dev = [p for p in files if str(p.relative_to(REPO)).startswith(DEV_TOOLS)]
     return [p for p in files if p not in dev], dev
 
@@ -72,6 +74,32 @@ def test_runtime_dependencies_are_what_the_runtime_imports():
     test_extra = {requirement_name(r) for r in PROJECT["optional-dependencies"]["test"]}
     assert set(imported_distributions(dev)) <= declared | test_extra
     assert "einops" not in declared  # imported nowhere
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules `path` imports, relative imports resolved against its place in the checkout."""
+    package = list(path.relative_to(REPO).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_runtime_never_imports_the_development_tools():
+    """nodes/ and the core jdm_train/ stand alone: the benchmarks and tools/ build on them, never the reverse."""
+    runtime, _ = pack_sources()
+    for path in runtime:
+        dev = {m for m in imported_modules(path) if m.startswith(("jdm_train.bench", "tools"))}
+        assert not dev, f"{path.relative_to(REPO)} imports {sorted(dev)}"
+
+
+def test_the_tools_are_not_installed():
+    assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["jdm_train*"]
 
 
 def test_requirements_txt_is_pyproject_without_torch():
@@ -118,7 +146,8 @@ def test_comfy_node_pack_leaves_out_only_development_files():
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("needs a git checkout")
     left_out = set(out.split())
-    assert {"tests/conftest.py", "icon.png", ".ci/run", "jdm_train/demo/samples/main_job_eval.json"} <= left_out
+    assert {"tests/conftest.py", "tools/comfyui.py", "tools/object_info.json", "icon.png", ".ci/run",
+            "jdm_train/demo/samples/main_job_eval.json"} <= left_out
     runtime, _ = pack_sources()
     needed = {str(p.relative_to(REPO)) for p in runtime} | {"pyproject.toml", "requirements.txt", "LICENSE"}
     needed |= {str(p.relative_to(REPO)) for p in (REPO / "example_workflows").iterdir()}

@@ -1,9 +1,9 @@
 """The shipped workflows (example_workflows/*.json, the folder ComfyUI serves as the pack's templates)
 checked without ComfyUI against the node schemas.
 
-Schemas: the core nodes of ComfyUI 0.3.64 (../shared/comfyui/object_info.json beside the repository, where it
-exists, else nodes/core_object_info.json, the subset the workflows use, checked equal to it)
-plus this pack's snapshot nodes/object_info.json (kept current by the COMFYUI_PATH tests).
+Schemas (`tools.schemas`): the core nodes of ComfyUI 0.3.64 (../shared/comfyui/object_info.json beside the
+repository, where it exists, else tools/core_object_info.json, the subset the workflows use, checked equal to it)
+plus this pack's snapshot tools/object_info.json (kept current by the COMFYUI_PATH tests).
 """
 
 from __future__ import annotations
@@ -13,30 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from jdm_train.bench.comfy import load_pack_module
+from tools import example_workflows, schemas
+from tools import workflow_format as wf
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-SHARED = REPO.parent / "shared" / "comfyui" / "object_info.json"  # beside the repository in CI
-
-
-wf = load_pack_module("workflow_format")
-
-
-CORE_SUBSET = REPO / "nodes" / "core_object_info.json"
 
 
 @pytest.fixture(scope="module")
 def object_info():
-    core = SHARED if SHARED.is_file() else CORE_SUBSET
-    return wf.load_object_info(core, REPO / "nodes" / "object_info.json")
+    return schemas.load()
 
 
 def test_core_subset_is_the_shared_core_schema():
-    if not SHARED.is_file():
-        pytest.skip(f"{SHARED} is not on this machine")
-    shared = json.loads(SHARED.read_text())
-    subset = json.loads(CORE_SUBSET.read_text())
+    if not schemas.SHARED_CORE.is_file():
+        pytest.skip(f"{schemas.SHARED_CORE} is not on this machine")
+    shared = json.loads(schemas.SHARED_CORE.read_text())
+    subset = json.loads(schemas.CORE_SUBSET.read_text())
     assert {k: shared[k] for k in subset} == subset
     used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"] if not n["type"].startswith("JDM_")}
     assert used <= set(subset)
@@ -78,8 +71,7 @@ def test_workflow_uses_the_trainer_default_export_names(path):
 
 
 def test_shipped_workflows_are_what_the_generator_writes(object_info):
-    gen = load_pack_module("example_workflows")
-    for name, graph in gen.workflows().items():
+    for name, graph in example_workflows.workflows().items():
         assert json.loads((REPO / "example_workflows" / f"{name}.json").read_text()) == json.loads(json.dumps(graph)), name
 
 
@@ -136,7 +128,7 @@ def test_check_workflow_catches_broken_workflows(object_info, mutation, expected
 def test_snapshot_has_a_preprocessor_per_extractor_with_its_parameters():
     from jdm_train import extractors
 
-    snap = json.loads((REPO / "nodes" / "object_info.json").read_text())
+    snap = json.loads(schemas.PACK.read_text())
     pre = {n: i for n, i in snap.items() if n.endswith("Preprocessor")}
     assert len(pre) == len(extractors.extractor_names())
     for name in extractors.extractor_names():
@@ -152,7 +144,7 @@ def test_snapshot_has_a_preprocessor_per_extractor_with_its_parameters():
 
 
 def test_snapshot_nodes_are_prefixed_and_under_jdm():
-    snap = json.loads((REPO / "nodes" / "object_info.json").read_text())
+    snap = json.loads(schemas.PACK.read_text())
     assert len(snap) >= 5
     for name, info in snap.items():
         assert name.startswith("JDM_") and info["name"] == name

@@ -1,7 +1,7 @@
 """The pack's example workflows (``example_workflows/*.json``, UI format 0.4) and their thumbnails.
 
-`python nodes/example_workflows.py` rewrites them from the node schemas (the shared core
-object_info and this pack's `nodes/object_info.json`). Model names are the trainer's default
+`python -m tools.example_workflows` rewrites them from the node schemas of `tools.schemas`
+(the core nodes' and this pack's). Model names are the trainer's default
 exports (``--output jdm``): ``models/unet/jdm.safetensors`` and
 ``models/controlnet/jdm_<control>.safetensors``; the teacher is SD1.5's usual file name.
 Pure Python: no ComfyUI needed.
@@ -13,13 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from jdm_train.bench.comfy import load_pack_module
+from tools import workflow_format as wf
+from tools import schemas
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-WORKFLOWS = REPO / "example_workflows"
-# The development environment keeps a real ComfyUI 0.3.64 /object_info beside the repository.
-SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info.json"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "example_workflows"
 
 TEACHER = "v1-5-pruned-emaonly.safetensors"
 GUIDANCE_TEACHER = "v2-1_512-ema-pruned.safetensors"
@@ -29,12 +26,9 @@ PROMPT = "a photograph of a cozy living room with a sofa and a lamp, warm light,
 NEGATIVE = "blurry, low quality, deformed"
 
 
-wf = load_pack_module("workflow_format")
-
-
 def student_graph(control: str, preprocessor: str, pre_widgets: dict, title: str, scale_input: bool = False):
     """image -> JDM preprocessor -> JDM ControlNet Loader -> JDM Apply ControlNet -> JDM One-Step Sampler -> decode."""
-    g = wf.Graph(object_info())
+    g = wf.Graph(schemas.load())
     ckpt = g.node("CheckpointLoaderSimple", (20, 80), {"ckpt_name": TEACHER}, title="Teacher checkpoint (CLIP + VAE)")
     unet = g.node("UNETLoader", (20, 240), {"unet_name": STUDENT, "weight_dtype": "default"},
                   title="JDM student (models/unet)")
@@ -59,7 +53,7 @@ def student_graph(control: str, preprocessor: str, pre_widgets: dict, title: str
 
 
 def decoupled_cfg_graph():
-    g = wf.Graph(object_info())
+    g = wf.Graph(schemas.load())
     a = g.node("CheckpointLoaderSimple", (20, 80), {"ckpt_name": TEACHER}, title="Fidelity teacher A (SD1.5)")
     b = g.node("CheckpointLoaderSimple", (20, 380), {"ckpt_name": GUIDANCE_TEACHER}, title="Guidance teacher B")
     pos_a = g.node("CLIPTextEncode", (380, 40), {"text": PROMPT}, title="Prompt (A's CLIP)", clip=(a, 1), size=(400, 160))
@@ -80,7 +74,7 @@ def decoupled_cfg_graph():
 
 
 def one_step_vs_teacher_graph():
-    g = wf.Graph(object_info())
+    g = wf.Graph(schemas.load())
     ckpt = g.node("CheckpointLoaderSimple", (20, 80), {"ckpt_name": TEACHER}, title="Teacher (SD1.5)")
     pos = g.node("CLIPTextEncode", (380, 40), {"text": PROMPT}, clip=(ckpt, 1), size=(400, 160))
     neg = g.node("CLIPTextEncode", (380, 240), {"text": NEGATIVE}, title="Negative", clip=(ckpt, 1), size=(400, 160))
@@ -108,11 +102,6 @@ def one_step_vs_teacher_graph():
     g.group("One step: JDM student + JDM ControlNet (1 UNet evaluation)", (820, -30, 1380, 570))
     g.group("Teacher: 20 steps, cfg 7.5, + canny ControlNet (40 UNet evaluations)", (820, 580, 1380, 440), "#8a6d3b")
     return g.workflow()
-
-
-def object_info() -> dict:
-    core = SHARED_OBJECT_INFO if SHARED_OBJECT_INFO.is_file() else HERE / "core_object_info.json"
-    return wf.load_object_info(core, HERE / "object_info.json")
 
 
 def workflows() -> dict[str, dict]:
@@ -213,7 +202,7 @@ TITLES = {
 def main() -> int:
     WORKFLOWS.mkdir(exist_ok=True)
     for name, graph in workflows().items():
-        problems = wf.check_workflow(graph, object_info())
+        problems = wf.check_workflow(graph, schemas.load())
         if problems:
             raise SystemExit(f"{name}: " + "; ".join(problems))
         (WORKFLOWS / f"{name}.json").write_text(json.dumps(graph, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """ComfyUI workflow files without ComfyUI: build (UI format 0.4), check, and convert to API format.
 
-Pure Python (no `comfy` import), so CI can check the shipped workflows against
-`object_info` (the shared core snapshot plus `nodes/object_info.json`), and tests can turn
+Pure Python (no `comfy` import), so CI can check the shipped workflows against the schemas of
+`tools.schemas`, and tests can turn
 them into the API prompts `POST /prompt` runs. The frontend is what normally converts UI to
 API format; `to_api` follows its rules: widget values fill the widget inputs in
 `input_order` (required, then optional), an INT with `control_after_generate` is followed by
@@ -11,20 +11,11 @@ and a widget input that has a link takes the link.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
-
-
-def load_object_info(*paths: str | Path) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    for p in paths:
-        info.update(json.loads(Path(p).read_text()))
-    return info
 
 
 def input_specs(node_info: dict) -> list[tuple[str, Any, dict, bool]]:

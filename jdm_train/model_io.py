@@ -1,7 +1,10 @@
-"""Reading and writing weight files: the only module that touches them.
+"""The model files ComfyUI and the trainer share: finding them, reading SD1.x checkpoints, writing exports.
+
+(Not every weight file: annotator weights are read by `extractors.weights`, the trainer's resumable
+state is written with accelerate by `train`, the demo scripts keep caches of their own.)
 
 * `resolve_model` finds a name the way ComfyUI does (``<root>/models/<folder>/`` and
-  ``extra_model_paths.yaml``).
+  ``extra_model_paths.yaml``); `resolve_checkpoint` also knows ``demo``, the shipped demo teacher.
 * `load_sd1_checkpoint` turns an SD1.x single-file checkpoint (original LDM keys) into
   diffusers / transformers modules offline; the architecture is read from the weights
   (`ldm_convert.infer_unet_config` and friends) and diffusers' own LDM->diffusers
@@ -26,7 +29,6 @@ import gzip
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import stat
 import uuid
@@ -38,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_write, fsync_dir, new_temp, remove_temp
 from .ldm_convert import (CLDM_HINT_CHANNELS, CLIP_PREFIX, CONTROL_PREFIX, SD1_ATTENTION_HEADS, UNET_PREFIX,
                           VAE_PREFIX, clip_diffusers_to_ldm, context_dim, controlnet_diffusers_to_ldm,
                           convert_clip_keys, infer_clip_config, infer_controlnet_config, infer_unet_config,
@@ -197,6 +200,17 @@ def resolve_model(
     raise ValueError(f"{folder} model {raw!r} not found; looked in: {', '.join(looked)}{hint}")
 
 
+def resolve_checkpoint(name: str | os.PathLike, comfyui_root: str | os.PathLike | None = None) -> Path:
+    """The SD1.x teacher checkpoint a ``--ckpt`` value names: ``demo`` is the demo teacher shipped in
+    `jdm_train/demo/assets/`, anything else a name in ComfyUI's ``checkpoints`` folders or a path
+    (`resolve_model`)."""
+    if str(name) == "demo":
+        from .demo import teacher_path
+
+        return teacher_path()
+    return resolve_model(name, "checkpoints", comfyui_root)
+
+
 # --------------------------------------------------------------------------- raw files
 
 
@@ -260,7 +274,6 @@ def export_metadata(kind: str, metadata: Mapping[str, Any] | None = None,
     return meta
 
 
-
 class NoSpaceError(OSError):
     """A write ran out of disk space (or quota); the message names the folder and the size needed."""
 
@@ -283,28 +296,6 @@ def no_space_error(folder: str | os.PathLike, needed_bytes: int) -> NoSpaceError
                                       "free some space or write to another disk")
 
 
-def _new_temp(path: Path, folder: bool = False) -> Path:
-    """A new file (or folder) ``.<name>.<random>.tmp`` beside ``path``: same file system, so the rename is atomic."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            if folder:
-                tmp.mkdir()
-            else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
-
-
-def _remove_temp(tmp: Path) -> None:
-    if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_temp(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
     """``sd`` as a complete, fsynced file ``.<name>.<random>.tmp/<name>`` beside ``path``.
 
@@ -316,7 +307,7 @@ def _write_temp(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[st
         raise ValueError(f"{path}: exports are written as .safetensors; got suffix {path.suffix!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    folder = _new_temp(path, folder=True)
+    folder = new_temp(path, folder=True)
     tmp = folder / path.name
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -326,7 +317,7 @@ def _write_temp(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[st
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException as exc:
-        _remove_temp(folder)
+        remove_temp(folder)
         if is_disk_full(exc):
             raise no_space_error(path.parent, sum(t.numel() * t.element_size() for t in tensors.values())) from exc
         raise
@@ -336,18 +327,7 @@ def _write_temp(path: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[st
 def _place(tmp: Path, final: Path) -> None:
     """Rename a `_write_temp` file into place and drop its private folder."""
     os.replace(tmp, final)
-    _remove_temp(tmp.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # makes a rename itself durable; not possible on every platform
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    remove_temp(tmp.parent)
 
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
@@ -360,8 +340,8 @@ def save_state_dict(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], met
     try:
         os.replace(tmp, path)
     finally:
-        _remove_temp(tmp.parent)
-    _fsync_dir(path.parent)
+        remove_temp(tmp.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -408,7 +388,7 @@ class ExportSet:
 
     def discard(self) -> None:
         for tmp in self.temps.values():
-            _remove_temp(tmp.parent)
+            remove_temp(tmp.parent)
         self.temps.clear()
 
     def commit(self) -> dict[str, Path]:
@@ -419,15 +399,10 @@ class ExportSet:
         pairs = [(str(self.temps[k]), str(self.paths[k])) for k in self.paths]
         journal = _journal(next(iter(self.paths.values())))
         if len(pairs) > 1:
-            tmp = _new_temp(journal)
             try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(pairs, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, journal)
+                with atomic_write(journal) as tmp:
+                    tmp.write_text(json.dumps(pairs), encoding="utf-8")
             except BaseException as exc:
-                tmp.unlink(missing_ok=True)
                 self.discard()
                 if is_disk_full(exc):
                     raise no_space_error(journal.parent, 4096) from exc
@@ -451,9 +426,9 @@ def _finish_renames(pairs: list[tuple[str, str]], journal: Path) -> None:
         if os.path.exists(tmp):
             _place(Path(tmp), Path(final))
     for folder in dict.fromkeys(Path(final).parent for _, final in pairs):
-        _fsync_dir(folder)
+        fsync_dir(folder)
     journal.unlink(missing_ok=True)
-    _fsync_dir(journal.parent)
+    fsync_dir(journal.parent)
 
 
 def recover_export_set(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -481,7 +456,7 @@ def recover_export_set(paths: Iterable[str | os.PathLike]) -> list[Path]:
     removed = []
     for path in paths:
         for tmp in _temps_of(path) + _temps_of(_journal(path)):
-            _remove_temp(tmp)
+            remove_temp(tmp)
             removed.append(tmp)
     return removed
 
@@ -691,7 +666,6 @@ def load_tokenizer(checkpoint_path: str | os.PathLike | None = None, comfyui_roo
 
 
 # --------------------------------------------------------------------------- loading
-
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

@@ -120,9 +120,10 @@ def test_comfyui_containing_the_pack_is_a_root(roots, tmp_path, monkeypatch):
     pack = root / "custom_nodes" / "ComfyUI-JDM" / "jdm_train"
     pack.mkdir(parents=True)
     (pack / "__init__.py").write_text("")
-    for name in ("ldm_convert.py", "model_io.py"):  # model_io imports .ldm_convert
+    for name in ("files.py", "ldm_convert.py", "model_io.py"):  # model_io imports .files and .ldm_convert
         shutil.copy(Path(model_io.__file__).with_name(name), pack / name)
     _exec_module("copied_jdm", pack / "__init__.py", monkeypatch, package_dir=pack)
+    _exec_module("copied_jdm.files", pack / "files.py", monkeypatch)
     _exec_module("copied_jdm.ldm_convert", pack / "ldm_convert.py", monkeypatch)
     mod = _exec_module("copied_jdm.model_io", pack / "model_io.py", monkeypatch)
     ck = touch(root / "models" / "checkpoints" / "pack.safetensors")
@@ -139,3 +140,14 @@ def test_symlinked_model_file_inside_the_folder_is_found(roots, tmp_path):
     link.symlink_to(real)
     found = model_io.resolve_model("sd15.safetensors", "checkpoints", comfyui_root=arg, from_node=True)
     assert found.samefile(real) and found.parent == (arg / "models" / "checkpoints").resolve()
+
+
+def test_resolve_checkpoint_knows_the_demo_teacher_and_else_resolves_a_name(roots):
+    from jdm_train.demo import TEACHER_PATH
+
+    assert model_io.resolve_checkpoint("demo") == TEACHER_PATH
+    arg, _ = roots
+    ck = touch(arg / "models" / "checkpoints" / "sd15.safetensors")
+    assert model_io.resolve_checkpoint("sd15.safetensors", arg) == ck
+    with pytest.raises(ValueError, match="checkpoints model 'missing.safetensors' not found"):
+        model_io.resolve_checkpoint("missing.safetensors", arg)

@@ -47,7 +47,8 @@ def test_node_modules_import_the_pack_relatively(path):
 
 def test_core_jdm_train_modules_used_by_nodes_import_relatively():
     """What the nodes import from jdm_train must load as `<pack>.jdm_train` too (no absolute jdm_train imports)."""
-    used = [REPO / "jdm_train" / f for f in ("sampling.py", "guidance.py", "model_io.py", "ldm_convert.py", "schedule.py")]
+    used = [REPO / "jdm_train" / f for f in ("sampling.py", "guidance.py", "model_io.py", "files.py", "ldm_convert.py",
+                                             "schedule.py")]
     used += sorted((REPO / "jdm_train" / "extractors").glob("*.py"))
     for path in used:
         for node in ast.walk(ast.parse(path.read_text())):

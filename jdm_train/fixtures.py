@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import model_io
+from .ldm_convert import SD1_LATENT_SCALE
 
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64)
 TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
@@ -64,7 +65,7 @@ def make_vae(block_out_channels: Sequence[int] = (32, 32, 32, 32), layers_per_bl
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=tuple(block_out_channels),
                         layers_per_block=layers_per_block, latent_channels=4, sample_size=512,
-                        scaling_factor=0.18215)
+                        scaling_factor=SD1_LATENT_SCALE)
     _perturb(vae, seed + 1)
     return vae.eval()
 

@@ -29,6 +29,9 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 CONTROL_PREFIX = "control_model."
 # diffusers' ControlNet conditioning embedding that ComfyUI's cldm ControlNet hard-codes.
 CLDM_HINT_CHANNELS = (16, 32, 96, 256)
+# SD1.x VAE latents times this have about unit variance (diffusers' `scaling_factor`; ComfyUI's
+# LATENT holds the unscaled latents).
+SD1_LATENT_SCALE = 0.18215
 # SD1's CLIP-L text config; its shape fields are replaced by those read off the weights.
 _CLIP_L_CONFIG = Path(__file__).resolve().parent / "configs" / "clip_l_text_config.json"
 
@@ -114,7 +117,7 @@ def infer_vae_config(vae_sd: Mapping[str, torch.Tensor]) -> dict:
         "block_out_channels": widths if widths[0] == ch else [ch] + widths[1:],
         "latent_channels": int(vae_sd["decoder.conv_in.weight"].shape[1]),
         "layers_per_block": nres,
-        "scaling_factor": 0.18215,
+        "scaling_factor": SD1_LATENT_SCALE,
     }
 
 
@@ -322,8 +325,8 @@ def taesd_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             out[f"taesd_decoder.{int(idx) + 1}.{rest}"] = v
         else:
             raise ValueError(f"AutoencoderTiny key {k!r} has no TAESD equivalent")
-    # ComfyUI hands TAESD unscaled latents; TAESD works on latents scaled by 0.18215
-    out["vae_scale"] = torch.tensor(0.18215)
+    # ComfyUI hands TAESD unscaled latents; TAESD works on scaled ones
+    out["vae_scale"] = torch.tensor(SD1_LATENT_SCALE)
     out["vae_shift"] = torch.tensor(0.0)
     return out
 

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from jdm_train.files import atomic_write
+
 IMAGE_SIZE = 64
 # Drawn at 4x and box-filtered down: anti-aliased edges without depending on PIL's resamplers.
 _SUPERSAMPLE = 4
@@ -193,7 +195,7 @@ def write_image_folder(root: str | os.PathLike, n: int, split: str = "train") ->
         index = ds.start + i
         sc = scene(index)
         stem = root / f"{index:07d}"
-        Image.fromarray(render(sc)).save(stem.with_suffix(".png.tmp"), format="PNG")
-        os.replace(stem.with_suffix(".png.tmp"), stem.with_suffix(".png"))
+        with atomic_write(stem.with_suffix(".png")) as tmp:
+            Image.fromarray(render(sc)).save(tmp, format="PNG")
         stem.with_suffix(".txt").write_text(sc.caption + "\n", encoding="utf-8")
     return root

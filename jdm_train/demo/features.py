@@ -178,14 +178,11 @@ def main(argv=None) -> int:
     net = train_feature_net(args.n_train, args.steps, seed=args.seed)
     imgs, caps = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + 1000))
     print(f"held-out agreement on real images: {caption_agreement(net, imgs, caps)} ({time.time() - t0:.0f}s)")
-    from safetensors.torch import save_file
+    from jdm_train import model_io
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"jdm.kind": "demo_features",
-                        "jdm.train_command": "python -m jdm_train.demo.features " + " ".join(argv or [])})
-    tmp.replace(args.out)
+    model_io.save_state_dict(args.out, net.state_dict(),
+                             {"jdm.kind": "demo_features",
+                              "jdm.train_command": "python -m jdm_train.demo.features " + " ".join(argv or [])})
     print(f"wrote {args.out}")
     return 0
 

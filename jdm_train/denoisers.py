@@ -25,13 +25,13 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from jdm_train.ldm_convert import CLDM_HINT_CHANNELS
 from jdm_train.schedule import NoiseSchedule
 
 # Modules of a diffusers SD UNet that carry LoRA; every one maps to an LDM key in ComfyUI's
 # `unet_to_diffusers`, so the student LoRA exports in kohya naming load with LoraLoaderModelOnly.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj")
-_HINT_CHANNELS = (16, 32, 96, 256)
 HINT_OUT_STD = 0.02
 
 
@@ -165,9 +165,9 @@ def new_controlnet(unet: nn.Module, vae_scale_factor: int = 8) -> nn.Module:
     from diffusers import ControlNetModel
 
     levels = int(round(math.log2(vae_scale_factor)))
-    if 2**levels != vae_scale_factor or not 0 <= levels < len(_HINT_CHANNELS):
+    if 2**levels != vae_scale_factor or not 0 <= levels < len(CLDM_HINT_CHANNELS):
         raise ValueError(f"vae_scale_factor must be 1, 2, 4 or 8, got {vae_scale_factor}")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_HINT_CHANNELS[: levels + 1])
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CLDM_HINT_CHANNELS[: levels + 1])
     init_hint_embedding(controlnet.controlnet_cond_embedding)
     return controlnet
 

@@ -2,8 +2,12 @@
 
 - FID between controlled one-step student samples and the teacher's uncontrolled multi-step
   samples for the same held-out captions. Features: the demo world's own feature network
-  (`jdm_train.demo.features`, default with `--ckpt demo`; its FIDs are not Inception FIDs), or a
-  local CLIP model's image embeddings (`--clip DIR`, a transformers CLIPModel folder).
+  (`jdm_train.demo.features`, default with `--ckpt demo`; its FIDs are not Inception FIDs), the
+  standard FID Inception-v3 pool features (`--inception FILE`, pytorch-fid's weights file; FIDs
+  comparable with published ones), or a local CLIP model's image embeddings (`--clip DIR`, a
+  transformers CLIPModel folder).
+- Held-out captions and images: the demo world's, or the user's own (`--data FOLDER`, the layout
+  the trainer reads), with conditions from the chosen control's extractor.
 - Consistency `|| h(x) - c ||_1` (mean absolute difference per image) on held-out conditions
   `c = h(x_data)`, with the exact extractor `h` of `jdm_train.extractors`.
 - NFE (network evaluations per image, counting a CFG pair as one, as the paper does) and
@@ -27,11 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jdm_train.model_io import tokenize
+from jdm_train.codec import Codec
 from jdm_train.schedule import NoiseSchedule
 
-# images (B, 3, H, W) in [0, 1] for captions, control (or None) and a noise tensor
-Generator = Callable[[list[str], "Tensor | None", Tensor], Tensor]
+# images (B, 3, H, W) in [0, 1] for captions, control (or None) and a noise tensor: a teacher's
+# multi-step sampler or the student's one step ("generator" names the student alone)
+ImageSampler = Callable[[list[str], "Tensor | None", Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------- FID
@@ -106,6 +111,37 @@ class DemoFeatures(FeatureNet):
         return caption_agreement(self.net, images.float().cpu(), captions)
 
 
+class InceptionFeatures(FeatureNet):
+    """The FID Inception-v3's 2048-d pool features (`jdm_train.inception`) from a local weights file."""
+
+    name = "inception-v3-fid"
+
+    def __init__(self, path: str | Path, batch: int = 32):
+        from jdm_train.inception import load_fid_inception
+
+        self.net = load_fid_inception(path)
+        self.batch = batch
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        images = images.float().cpu()
+        return torch.cat([self.net(images[i : i + self.batch]) for i in range(0, images.shape[0], self.batch)])
+
+
+class PairedFeatures(FeatureNet):
+    """FID features from one network and the CLIP score from another (`--inception` with `--clip`)."""
+
+    def __init__(self, fid_net: FeatureNet, clip_net: FeatureNet):
+        self.fid_net, self.clip_net = fid_net, clip_net
+        self.name = f"{fid_net.name}+{clip_net.name}"
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.fid_net.features(images)
+
+    def clip_score(self, images: Tensor, captions: list[str]) -> Tensor | None:
+        return self.clip_net.clip_score(images, captions)
+
+
 class ClipFeatures(FeatureNet):
     """A local transformers CLIPModel folder: image embeddings for FID, and CLIP score."""
 
@@ -155,7 +191,7 @@ class ClipFeatures(FeatureNet):
         return 100 * cos.clamp_min(0)
 
 
-# ----------------------------------------------------------------------------- held-out set and generators
+# ----------------------------------------------------------------------------- held-out set and samplers
 
 
 @dataclass
@@ -177,32 +213,39 @@ def demo_eval_set(n: int, control: str, **extractor_params) -> EvalSet:
     return EvalSet(captions, images, get_extractor(control, **extractor_params).extract(images), control)
 
 
-class Teacher:
-    """An SD1.x pipeline (`model_io.SD1Pipeline`) as text encoder, denoisers and decoder."""
+def folder_eval_set(folder: str | Path, n: int, control: str, resolution: int, **extractor_params) -> EvalSet:
+    """The first `n` (sorted) captioned images of the user's held-out `folder` (`data.CaptionedImageFolder`'s
+    layout: a .txt beside each image or a metadata.jsonl) at `resolution`, and their `control` conditions."""
+    from jdm_train.data import CaptionedImageFolder
+    from jdm_train.extractors import get_extractor
 
-    def __init__(self, pipe, schedule: NoiseSchedule | None = None):
+    dataset = CaptionedImageFolder(folder, resolution)
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    if len(items) < 2:
+        raise ValueError(f"--data {folder}: {len(items)} captioned image(s); FID needs at least 2")
+    images = torch.stack([it["image"] for it in items])
+    return EvalSet([it["caption"] for it in items], images, get_extractor(control, **extractor_params).extract(images),
+                   control)
+
+
+class Samplers:
+    """The teacher's multi-step sampler and the student's one-step generator over one SD1.x pipeline
+    (`model_io.SD1Pipeline`: its UNet is the teacher, its text encoder and VAE the shared `Codec`)."""
+
+    def __init__(self, pipe, schedule: NoiseSchedule | None = None, codec: Codec | None = None):
         self.pipe = pipe
         self.schedule = schedule or NoiseSchedule()
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.codec = codec or Codec.from_pipe(pipe)
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Tensor:
-        ids = tokenize(self.pipe.tokenizer, captions)
-        return self.pipe.text_encoder(ids).last_hidden_state
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        dtype = next(vae.parameters()).dtype
-        x = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample.float()
-        return (x / 2 + 0.5).clamp(0, 1)
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.codec.vae_scale_factor
 
     def noise(self, n: int, image_size: int, seed: int) -> Tensor:
-        s = image_size // self.vae_scale_factor
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((n, self.pipe.unet.config.in_channels, s, s), generator=gen)
+        """Seeded latent noise (n, C, image_size / f, image_size / f), shared by all samplers of a comparison."""
+        return torch.randn(self.codec.latent_shape(n, image_size), generator=torch.Generator().manual_seed(seed))
 
-    def multistep(self, steps: int, cfg: float, negative: str = "", controlnet=None) -> Generator:
+    def teacher(self, steps: int, cfg: float, negative: str = "", controlnet=None) -> ImageSampler:
         """The teacher's DDIM sampler with CFG; NFE = `steps`. Without `controlnet` it ignores the
         control (the reference of FID); with one, the ControlNet sees the control in both CFG branches."""
         from jdm_train.denoisers import Cond, UNetDenoiser
@@ -211,15 +254,15 @@ class Teacher:
         denoise = UNetDenoiser(self.pipe.unet, self.schedule, controlnet=controlnet)
 
         @torch.no_grad()
-        def generate(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
+        def sample(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
             control = control if controlnet is not None else None
-            cond = Cond(self.encode_text(captions), control)
-            uncond = Cond(self.encode_text([negative] * len(captions)), control)
-            return self.decode(ddim_reference(denoise, noise, cond, uncond, steps, cfg, self.schedule))
+            cond = Cond(self.codec.encode_text(captions), control)
+            uncond = Cond(self.codec.encode_text([negative] * len(captions)), control)
+            return self.codec.decode(ddim_reference(denoise, noise, cond, uncond, steps, cfg, self.schedule))
 
-        return generate
+        return sample
 
-    def one_step(self, unet, controlnet=None, t_g: int = 999) -> Generator:
+    def student(self, unet, controlnet=None, t_g: int = 999) -> ImageSampler:
         """The student `G(z, text, c)`: one evaluation at `t_g` of `unet` (+ `controlnet`) read as x0; NFE = 1."""
         from jdm_train.denoisers import Cond, UNetDenoiser
         from jdm_train.sampling import generate_one_step
@@ -228,8 +271,8 @@ class Teacher:
 
         @torch.no_grad()
         def generate(captions: list[str], control: Tensor | None, noise: Tensor) -> Tensor:
-            cond = Cond(self.encode_text(captions), control if controlnet is not None else None)
-            return self.decode(generate_one_step(denoise, noise, t_g, cond))
+            cond = Cond(self.codec.encode_text(captions), control if controlnet is not None else None)
+            return self.codec.decode(generate_one_step(denoise, noise, t_g, cond))
 
         return generate
 
@@ -237,7 +280,7 @@ class Teacher:
 CONTROL_MODES = ("given", "blank", "shuffled")
 
 
-def run_generator(generate: Generator, eval_set: EvalSet, noise: Tensor, batch: int = 32,
+def run_generator(generate: ImageSampler, eval_set: EvalSet, noise: Tensor, batch: int = 32,
                   control_mode: str = "given") -> tuple[Tensor, float]:
     """All images of `eval_set` through `generate` in batches; returns (images, seconds per image).
 
@@ -311,20 +354,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="student UNet (LDM layout, as exported by the trainer); default: the teacher UNet")
     p.add_argument("--controlnet", type=Path, help="the student's ControlNet (cldm layout, as exported by the trainer)")
     p.add_argument("--control", default="canny", help="condition extractor name (canny, hed, depth, lowres)")
-    p.add_argument("--n", type=int, default=256, help="number of held-out images / conditions")
+    p.add_argument("--data", type=Path,
+                   help="folder of the user's held-out captioned images (the trainer's --data layout); default: the demo set")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size of --data images, resized and center-cropped (default: 64 with the demo teacher, else 512)")
+    p.add_argument("--n", type=int, default=256, help="number of held-out images / conditions (at most, with --data)")
     p.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps of the teacher's reference samples")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the teacher's reference samples")
     p.add_argument("--timestep", type=int, default=None,
                    help="student generator timestep (default: jdm.timestep metadata or 999)")
-    p.add_argument("--clip", type=Path, help="local transformers CLIPModel folder: CLIP features for FID and CLIP score")
+    p.add_argument("--inception", type=Path,
+                   help="FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or a .safetensors "
+                        "with its keys): standard FID features, comparable with published FIDs")
+    p.add_argument("--clip", type=Path,
+                   help="local transformers CLIPModel folder: CLIP score, and CLIP features for FID unless --inception")
     p.add_argument("--features", type=Path, help="demo feature network weights (default: the shipped one)")
     p.add_argument("--blank-control", action="store_true", help="also score the student with blank (zero) control images")
     p.add_argument("--shuffled-control", action="store_true",
                    help="also score the student given another held-out image's control (against each image's own)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by all generators")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise shared by all samplers")
     p.add_argument("--batch", type=int, default=32, help="generation batch size")
     p.add_argument("--out", type=Path, default=Path("jdm_eval.json"), help="JSON file to write")
     return p.parse_args(argv)
+
+
+def feature_net_from_args(args: argparse.Namespace) -> FeatureNet:
+    """--inception and/or --clip, else the demo feature network (the demo teacher or --features)."""
+    fid_net = InceptionFeatures(args.inception, args.batch) if args.inception is not None else None
+    clip_net = ClipFeatures(args.clip) if args.clip is not None else None
+    if fid_net is not None and clip_net is not None:
+        return PairedFeatures(fid_net, clip_net)
+    if fid_net is not None or clip_net is not None:
+        return fid_net or clip_net
+    if args.ckpt == "demo" or args.features is not None:
+        return DemoFeatures(args.features)
+    raise ValueError("--inception FILE or --clip DIR is required outside the demo world (no feature network for FID)")
+
+
+def eval_set_from_args(args: argparse.Namespace) -> EvalSet:
+    """The user's --data folder, else the demo world's held-out set."""
+    if args.data is not None:
+        from jdm_train.demo.data import IMAGE_SIZE
+
+        resolution = args.resolution or (IMAGE_SIZE if args.ckpt == "demo" else 512)
+        return folder_eval_set(args.data, args.n, args.control, resolution)
+    return demo_eval_set(args.n, args.control)
 
 
 def main(argv=None) -> int:
@@ -339,29 +413,26 @@ def main(argv=None) -> int:
         ckpt = teacher_path()
     else:
         ckpt = model_io.resolve_model(args.ckpt, "checkpoints")
-    teacher = Teacher(model_io.load_sd1_checkpoint(ckpt))
-    if args.clip is not None:
-        feature_net: FeatureNet = ClipFeatures(args.clip)
-    elif args.ckpt == "demo" or args.features is not None:
-        feature_net = DemoFeatures(args.features)
-    else:
-        raise ValueError("--clip DIR is required outside the demo world (no feature network for FID)")
-    eval_set = demo_eval_set(args.n, args.control)
-    image_size = eval_set.images.shape[-1]
-    noise = teacher.noise(args.n, image_size, args.seed)
+    feature_net = feature_net_from_args(args)
+    eval_set = eval_set_from_args(args)
+    samplers = Samplers(model_io.load_sd1_checkpoint(ckpt))
+    n = len(eval_set.captions)
+    if n < args.n:
+        print(f"--data {args.data}: {n} captioned images, fewer than --n {args.n}; evaluating on all {n}")
+    noise = samplers.noise(n, eval_set.images.shape[-1], args.seed)
 
     rows: dict[str, dict] = {}
-    ref, sec = run_generator(teacher.multistep(args.teacher_steps, args.cfg), eval_set, noise, args.batch)
+    ref, sec = run_generator(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise, args.batch)
     ref_features = feature_net.features(ref)
     rows[f"teacher ({args.teacher_steps}-step DDIM, no control)"] = score(ref, eval_set, ref_features, feature_net,
                                                                          args.teacher_steps, sec)
     rows["data (held-out images)"] = score(eval_set.images, eval_set, ref_features, feature_net, 0, 0.0)
     if args.student is not None or args.controlnet is not None:
-        unet = model_io.load_unet(args.student) if args.student is not None else teacher.pipe.unet
+        unet = model_io.load_unet(args.student) if args.student is not None else samplers.pipe.unet
         controlnet = model_io.load_controlnet(args.controlnet) if args.controlnet is not None else None
         meta = model_io.read_metadata(args.student) if args.student is not None else {}
         t_g = args.timestep if args.timestep is not None else int(meta.get("jdm.timestep", 999))
-        gen = teacher.one_step(unet, controlnet, t_g)
+        gen = samplers.student(unet, controlnet, t_g)
         imgs, sec = run_generator(gen, eval_set, noise, args.batch)
         rows["student (1 step, control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
         for mode in ("blank", "shuffled"):
@@ -371,7 +442,8 @@ def main(argv=None) -> int:
 
     print(format_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"ckpt": str(ckpt), "control": args.control, "feature_net": feature_net.name, "n": args.n,
+    payload = {"ckpt": str(ckpt), "data": str(args.data) if args.data is not None else "demo", "control": args.control,
+               "feature_net": feature_net.name, "n": n,
                "teacher_steps": args.teacher_steps, "cfg": args.cfg, "seed": args.seed, "rows": rows}
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -16,8 +16,8 @@ from jdm_train.demo import train_teacher
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return evaluate.Teacher(model_io.load_sd1_checkpoint(teacher_path()))
+def samplers():
+    return evaluate.Samplers(model_io.load_sd1_checkpoint(teacher_path()))
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +25,18 @@ def feature_net():
     return feats.load_feature_net()
 
 
-def test_shipped_teacher_is_a_small_fp16_sd1_checkpoint(teacher):
+def test_shipped_teacher_is_a_small_fp16_sd1_checkpoint(samplers):
     assert teacher_path() == TEACHER_PATH
     assert TEACHER_PATH.stat().st_size < 25e6  # the issue's budget for the shipped teacher
     sd, meta = model_io.read_state_dict(TEACHER_PATH)
     assert {v.dtype for v in sd.values()} == {torch.float16}
     assert meta["jdm.kind"] == "teacher"
     assert meta["jdm.train_command"].startswith("python -m jdm_train.demo.train_teacher")
-    pipe = teacher.pipe
+    pipe = samplers.pipe
     assert pipe.tokenizer.vocab_size == 49408
     assert pipe.text_encoder.config.vocab_size == 49408
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
-    assert teacher.vae_scale_factor == 8
+    assert samplers.vae_scale_factor == 8
 
 
 def test_feature_net_reads_held_out_data(feature_net):
@@ -45,10 +45,10 @@ def test_feature_net_reads_held_out_data(feature_net):
     assert agree["background"] > 0.95 and agree["objects"] > 0.8
 
 
-def test_teacher_samples_follow_their_captions(teacher, feature_net):
+def test_teacher_samples_follow_their_captions(samplers, feature_net):
     """Agreement of samples with their own captions beats agreement with shuffled captions (chance)."""
     captions = [data.caption(data.HELDOUT_START + i) for i in range(24)]
-    images = teacher.multistep(steps=10, cfg=4.0)(captions, None, teacher.noise(len(captions), 64, seed=0))
+    images = samplers.teacher(steps=10, cfg=4.0)(captions, None, samplers.noise(len(captions), 64, seed=0))
     own = feats.caption_agreement(feature_net, images, captions)
     shuffled = captions[1:] + captions[:1]
     other = feats.caption_agreement(feature_net, images, shuffled)
@@ -58,14 +58,14 @@ def test_teacher_samples_follow_their_captions(teacher, feature_net):
     assert own["colours"] >= other["colours"]
 
 
-def test_vae_reconstructs_the_world(teacher):
+def test_vae_reconstructs_the_world(samplers):
     images, _ = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + 8))
-    vae = teacher.pipe.vae
+    vae = samplers.pipe.vae
     with torch.no_grad():
         lat = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     assert lat.shape == (8, 4, 8, 8)
     assert 0.5 < lat.std().item() < 2.0  # unit-ish variance under SD's 0.18215 (folded in by the script)
-    rec = teacher.decode(lat)
+    rec = samplers.codec.decode(lat)
     assert (rec - images).abs().mean().item() < 0.05
 
 
@@ -79,7 +79,7 @@ def test_train_teacher_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
     pipe = model_io.load_sd1_checkpoint(out)
     assert pipe.unet.config.block_out_channels == list(train_teacher.UNET_CONFIG["block_out_channels"])
     assert pipe.vae.config.block_out_channels == list(train_teacher.VAE_CONFIG["block_out_channels"])
-    assert evaluate.Teacher(pipe).vae_scale_factor == 8
+    assert evaluate.Samplers(pipe).vae_scale_factor == 8
     meta = model_io.read_metadata(out)
     assert meta["jdm.kind"] == "teacher" and meta["jdm.cfg"] == "4"
     assert out.stat().st_size < 25e6  # the default architecture fits the issue's budget (fp16)
@@ -140,8 +140,8 @@ def test_train_teacher_reproduces_the_shipped_quality(tmp_path):
     data_feats = net.features(eval_set.images)
     res = {}
     for name, path in (("shipped", TEACHER_PATH), ("retrained", out)):
-        t = evaluate.Teacher(model_io.load_sd1_checkpoint(path))
-        imgs, _ = evaluate.run_generator(t.multistep(25, 4.0), eval_set, t.noise(128, 64, 0))
+        s = evaluate.Samplers(model_io.load_sd1_checkpoint(path))
+        imgs, _ = evaluate.run_generator(s.teacher(25, 4.0), eval_set, s.noise(128, 64, 0))
         res[name] = (evaluate.fid(net.features(imgs), data_feats), net.agreement(imgs, eval_set.captions)["all"])
     print(f"teacher reproduction (FID to held-out data, caption agreement): {res}")  # shown with -s / -rP
     assert res["retrained"][0] <= 1.25 * res["shipped"][0] + 2.0, res

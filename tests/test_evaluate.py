@@ -175,23 +175,90 @@ def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     assert Image.open(grid).size == (4 * 64, 4 * 64)  # control | own | blank | shuffled, 4 samples
 
 
-def test_multistep_with_a_controlnet_sees_the_control(tmp_path):
+def test_teacher_sampler_with_a_controlnet_sees_the_control(tmp_path):
     """A fresh ControlNet (zero convolutions) leaves the teacher's DDIM samples unchanged; a trained
     one changes them, and differently for different controls."""
     from jdm_train import fixtures, model_io
     from jdm_train.denoisers import new_controlnet
 
     pipe = model_io.load_sd1_checkpoint(fixtures.write_tiny_sd1_checkpoint(tmp_path / "tiny.safetensors"))
-    teacher = evaluate.Teacher(pipe)
+    samplers = evaluate.Samplers(pipe)
     torch.manual_seed(0)
-    cn = new_controlnet(pipe.unet, teacher.vae_scale_factor)
+    cn = new_controlnet(pipe.unet, samplers.vae_scale_factor)
     control = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    noise, captions = teacher.noise(2, 64, 0), ["a red circle", "a blue square"]
-    plain = teacher.multistep(3, 2.0)(captions, control, noise)
-    assert torch.allclose(teacher.multistep(3, 2.0, controlnet=cn)(captions, control, noise), plain, atol=1e-6)
+    noise, captions = samplers.noise(2, 64, 0), ["a red circle", "a blue square"]
+    plain = samplers.teacher(3, 2.0)(captions, control, noise)
+    assert torch.allclose(samplers.teacher(3, 2.0, controlnet=cn)(captions, control, noise), plain, atol=1e-6)
     with torch.no_grad():
         for p in cn.controlnet_down_blocks.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    a = teacher.multistep(3, 2.0, controlnet=cn)(captions, control, noise)
-    b = teacher.multistep(3, 2.0, controlnet=cn)(captions, control.flip(0), noise)
+    a = samplers.teacher(3, 2.0, controlnet=cn)(captions, control, noise)
+    b = samplers.teacher(3, 2.0, controlnet=cn)(captions, control.flip(0), noise)
     assert (a - plain).abs().max() > 1e-3 and (a - b).abs().max() > 1e-3
+
+
+def _held_out_folder(root, n: int = 3):
+    """n captioned images in the trainer's layout: .txt captions, and one caption from metadata.jsonl."""
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = np.full((80, 64, 3), 30, np.uint8)
+        a[10 + 8 * i : 40 + 8 * i, 12:52] = rng.integers(60, 255, 3)
+        Image.fromarray(a).save(root / f"img{i}.png")
+        if i:
+            (root / f"img{i}.txt").write_text(f"a box number {i}\n")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "img0.png", "text": "a box from jsonl"}) + "\n")
+    (root / "notes.png").write_bytes(b"not an image")  # skipped, as the trainer does
+    return root
+
+
+def test_folder_eval_set_reads_the_trainers_layout_and_extracts_conditions(tmp_path):
+    from jdm_train.data import load_image
+    from jdm_train.extractors import get_extractor
+
+    folder = _held_out_folder(tmp_path / "held_out")
+    es = evaluate.folder_eval_set(folder, 2, "canny", 32)
+    assert es.captions == ["a box from jsonl", "a box number 1"] and es.control_name == "canny"
+    assert es.images.shape == (2, 3, 32, 32)
+    assert torch.equal(es.images[1], load_image(folder / "img1.png", 32))
+    assert torch.equal(es.control, get_extractor("canny").extract(es.images))
+    assert es.control.abs().sum() > 0  # the boxes have edges
+    assert len(evaluate.folder_eval_set(folder, 100, "canny", 32).captions) == 3
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.folder_eval_set(folder, 1, "canny", 32)
+
+
+def test_cli_with_held_out_data_and_inception_weights(tmp_path, capsys):
+    """`--data FOLDER --inception FILE` outside the demo: the user's images and the FID Inception."""
+    from jdm_train import fixtures
+    from jdm_train.inception import FIDInceptionV3, file_state_dict
+
+    torch.manual_seed(0)
+    torch.save(file_state_dict(FIDInceptionV3()), tmp_path / "pt_inception.pth")
+    ckpt = fixtures.write_tiny_sd1_checkpoint(tmp_path / "tiny.safetensors")
+    out = tmp_path / "eval.json"
+    argv = ["--ckpt", str(ckpt), "--data", str(_held_out_folder(tmp_path / "held_out")), "--resolution", "64",
+            "--n", "8", "--teacher-steps", "2", "--inception", str(tmp_path / "pt_inception.pth"), "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    assert "3 captioned images, fewer than --n 8" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["feature_net"] == "inception-v3-fid" and res["n"] == 3 and res["data"].endswith("held_out")
+    rows = res["rows"]
+    assert rows["data (held-out images)"]["consistency"] == 0.0
+    assert rows["teacher (2-step DDIM, no control)"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(rows["data (held-out images)"]["fid"])
+    with pytest.raises(ValueError, match="--inception FILE or --clip DIR"):
+        evaluate.main(argv[:-4] + ["--out", str(out)])
+
+
+def test_evaluate_does_not_import_the_demo_teacher_script():
+    """train_teacher may sample through evaluate.Samplers; evaluate never imports train_teacher."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, jdm_train.evaluate; print('jdm_train.demo.train_teacher' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert "train_teacher" not in Path(evaluate.__file__).read_text(encoding="utf-8")

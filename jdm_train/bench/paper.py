@@ -97,13 +97,13 @@ def main(argv=None) -> int:
     if unknown:
         raise ValueError(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    teacher = evaluate.Teacher(model_io.load_sd1_checkpoint(teacher_path()))
+    samplers = evaluate.Samplers(model_io.load_sd1_checkpoint(teacher_path()))
     feature_net = evaluate.DemoFeatures()
     eval_set = evaluate.demo_eval_set(args.n, args.control)
-    noise = teacher.noise(args.n, eval_set.images.shape[-1], args.seed)
+    noise = samplers.noise(args.n, eval_set.images.shape[-1], args.seed)
 
     rows: dict[str, dict] = {}
-    ref, sec = evaluate.run_generator(teacher.multistep(args.teacher_steps, args.cfg), eval_set, noise)
+    ref, sec = evaluate.run_generator(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise)
     ref_features = feature_net.features(ref)
     name = f"teacher, {args.teacher_steps}-step DDIM, no control"
     rows[name] = evaluate.score(ref, eval_set, ref_features, feature_net, args.teacher_steps, sec)
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
         student, controlnet, train_seconds = train_row(name, ROWS[name], args)
         trained[name] = (student, controlnet)
         if name == TEACHER_CONTROLNET:
-            gen = teacher.multistep(args.teacher_steps, args.cfg, controlnet=model_io.load_controlnet(controlnet))
+            gen = samplers.teacher(args.teacher_steps, args.cfg, controlnet=model_io.load_controlnet(controlnet))
             nfe = args.teacher_steps
         else:
-            gen = teacher.one_step(model_io.load_unet(student), model_io.load_controlnet(controlnet))
+            gen = samplers.student(model_io.load_unet(student), model_io.load_controlnet(controlnet))
             nfe = 1
         imgs, sec = evaluate.run_generator(gen, eval_set, noise)
         rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, nfe, sec), "train_seconds": train_seconds}
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         if TEACHER_CONTROLNET in trained and "implicit VSD" in trained and DI_CONTROLNET not in rows:
             # DI: a one-step student distilled without a control signal (the implicit-VSD run's UNet),
             # given the ControlNet trained by denoising on the teacher.
-            gen = teacher.one_step(model_io.load_unet(trained["implicit VSD"][0]),
+            gen = samplers.student(model_io.load_unet(trained["implicit VSD"][0]),
                                    model_io.load_controlnet(trained[TEACHER_CONTROLNET][1]))
             imgs, sec = evaluate.run_generator(gen, eval_set, noise)
             rows[DI_CONTROLNET] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)

@@ -175,14 +175,14 @@ def teacher_quality(pipe, n: int = 128, steps: int = 25, cfgs: tuple[float, ...]
                     seed: int = 0) -> dict[str, dict[str, float]]:
     """Caption scores on the first `n` held-out captions: the data, the VAE's reconstructions and,
     for each guidance scale in `cfgs`, the teacher's `steps`-step DDIM samples from seeded noise."""
-    from jdm_train.evaluate import Teacher
+    from jdm_train.evaluate import Samplers
 
     images, captions = data.batch(range(data.HELDOUT_START, data.HELDOUT_START + n))
-    teacher = Teacher(pipe)
-    noise = teacher.noise(n, data.IMAGE_SIZE, seed)
+    samplers = Samplers(pipe)
+    noise = samplers.noise(n, data.IMAGE_SIZE, seed)
     scores = {"data": caption_scores(images, captions), "vae": caption_scores(vae_reconstructions(pipe.vae, images), captions)}
     for cfg in cfgs:
-        generate = teacher.multistep(steps, cfg)
+        generate = samplers.teacher(steps, cfg)
         samples = torch.cat([generate(captions[i : i + 32], None, noise[i : i + 32]) for i in range(0, n, 32)])
         scores[f"teacher {steps} steps cfg {cfg:g}"] = caption_scores(samples, captions)
     return scores

@@ -292,10 +292,10 @@ def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Ten
 def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps: int = 25, cfg: float = 4.0,
                   seed: int = 0) -> Tensor:
     """Teacher samples for `captions`: images (B, 3, 64, 64) in [0, 1], `steps` DDIM steps with CFG."""
-    from jdm_train.evaluate import Teacher
+    from jdm_train.evaluate import Samplers
 
-    teacher = Teacher(SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer))
-    return teacher.multistep(steps, cfg)(captions, None, teacher.noise(len(captions), data.IMAGE_SIZE, seed))
+    samplers = Samplers(SimpleNamespace(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer))
+    return samplers.teacher(steps, cfg)(captions, None, samplers.noise(len(captions), data.IMAGE_SIZE, seed))
 
 
 def _save_atomic(obj, path: Path) -> None:

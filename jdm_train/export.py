@@ -7,7 +7,6 @@ Resumable checkpoints hold accelerate state and stay in `train.py`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 from jdm_train import model_io
 from jdm_train.config import TrainConfig
 from jdm_train.denoisers import Roles, merged_student_unet, student_lora_state
+from jdm_train.files import save_image_grid
 from jdm_train.ldm_convert import lora_to_comfyui
 
 
@@ -77,15 +77,6 @@ def clean_export_leftovers(config: TrainConfig, output_dir: Path) -> list[Path]:
 
 def write_preview_grid(path: Path, columns: list[Tensor]) -> Path:
     """PNG with the columns side by side, one row per sample; each column (n, 3, H, W) in [0, 1].
-
-    Written to a temporary file and renamed, so a viewer never sees half an image."""
-    import numpy as np
-    from PIL import Image
-
-    grid = torch.cat([torch.cat(list(col.float()), dim=1) for col in columns], dim=2)  # (3, n*H, k*W)
-    array = (grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    Written atomically (`files.save_image_grid`), so a viewer never sees half an image."""
+    rows = torch.stack([col.float().cpu() for col in columns], dim=1)  # (n, k, 3, H, W)
+    return save_image_grid(path, rows.flatten(0, 1), ncol=len(columns))

@@ -81,10 +81,10 @@ def train_row(name: str, flags: list[str], args: argparse.Namespace) -> tuple[Pa
 
 def save_row_grid(path: Path, control: torch.Tensor, images: torch.Tensor, count: int = 8) -> Path:
     """Two rows: the control images, then the samples."""
-    from jdm_train.demo.train_teacher import save_grid
+    from jdm_train.files import save_image_grid
 
     k = min(count, images.shape[0])
-    return save_grid(torch.cat([control[:k].float(), images[:k].float()]), path, ncol=k)
+    return save_image_grid(path, torch.cat([control[:k].float(), images[:k].float()]), ncol=k, gap=2, scale=2)
 
 
 def main(argv=None) -> int:

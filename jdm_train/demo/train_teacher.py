@@ -11,7 +11,7 @@ The teacher is the SD1.x architecture at small width, trained from scratch on
    pixels) dominates, and the decoder draws shapes as blobs of the wrong colour (the first demo
    teacher's VAE kept the right colours in 21% of held-out images and the right kinds in 9%).
    Its latent scale is then folded into `quant_conv`/`post_quant_conv` so that SD's own
-   `scaling_factor` 0.18215 gives unit-variance latents, as every SD1.x consumer assumes.
+   `scaling_factor` (`ldm_convert.SD1_LATENT_SCALE`) gives unit-variance latents, as every SD1.x consumer assumes.
 2. UNet (`UNet2DConditionModel`, eps-prediction on the SD1.5 DDPM schedule, cross-attention
    at the 8x8 and 4x4 latent levels, where shapes are 1-3 cells wide and colour is bound to
    shape) jointly with a small `CLIPTextModel` over the real CLIP tokenizer (vocab 49408), on
@@ -30,21 +30,20 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from jdm_train import model_io
 from jdm_train.demo import data
+from jdm_train.files import atomic_write, save_image_grid
+from jdm_train.ldm_convert import SD1_LATENT_SCALE
 from jdm_train.schedule import NoiseSchedule
 
-SD_SCALING_FACTOR = 0.18215
 MAX_TOKENS = 77
 LATENT_SIZE = 8  # 64 px / 8: the VAE has 4 levels (see the module docstring)
 
@@ -62,7 +61,7 @@ VAE_CONFIG = dict(
     latent_channels=4,
     norm_num_groups=32,
     sample_size=64,
-    scaling_factor=SD_SCALING_FACTOR,
+    scaling_factor=SD1_LATENT_SCALE,
 )
 # Widths are multiples of 32 because SD1.x consumers (ComfyUI's LDM modules) hard-code GroupNorm(32).
 # Three levels (8x8, 4x4, 2x2 latents): a fourth at 1x1 adds modules (per-call overhead on CPU)
@@ -195,7 +194,7 @@ def train_vae(vae, images: Tensor, backgrounds: Tensor, steps: int, batch: int, 
 
 
 @torch.no_grad()
-def fold_latent_scale(vae, images: Tensor, target_std: float = 1.0 / SD_SCALING_FACTOR) -> float:
+def fold_latent_scale(vae, images: Tensor, target_std: float = 1.0 / SD1_LATENT_SCALE) -> float:
     """Rescale the latent space so that raw latents have std `target_std` (exact reparametrisation).
 
     quant_conv's mean rows are multiplied by k (log-variance rows shifted by 2 log k) and
@@ -219,8 +218,8 @@ def encode_all(vae, images: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
     means, stds = [], []
     for i in range(0, images.shape[0], chunk):
         post = vae.encode(images[i : i + chunk].float().div(255) * 2 - 1).latent_dist
-        means.append(post.mean * SD_SCALING_FACTOR)
-        stds.append(post.std * SD_SCALING_FACTOR)
+        means.append(post.mean * SD1_LATENT_SCALE)
+        stds.append(post.std * SD1_LATENT_SCALE)
     return torch.cat(means), torch.cat(stds)
 
 
@@ -301,27 +300,8 @@ def sample_images(unet, vae, text_encoder, tokenizer, captions: list[str], steps
 def _save_atomic(obj, path: Path) -> None:
     # The script's own resumable caches (tensors and state dicts only, read back with weights_only);
     # a crash mid-write must not leave a truncated cache that the next run trusts.
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_grid(images: Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
-    """Images (B, 3, H, W) in [0, 1] as one PNG grid."""
-    from PIL import Image
-
-    b, _, h, w = images.shape
-    nrow = -(-b // ncol)
-    grid = torch.ones(3, nrow * (h + 2), ncol * (w + 2))
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[:, r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------- main
@@ -421,7 +401,7 @@ def main(argv=None) -> int:
 
     held = [data.caption(data.HELDOUT_START + i) for i in range(args.grid_n)]
     grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=args.grid_steps, cfg=args.cfg)
-    save_grid(grid, work / "samples_heldout_captions.png")
+    save_image_grid(work / "samples_heldout_captions.png", grid, ncol=8, gap=2, scale=2)
     (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
 
     metadata = {

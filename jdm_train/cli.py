@@ -17,6 +17,8 @@ from jdm_train.config import (
     MIXED_PRECISION,
     OBJECTIVES,
     PHASES,
+    SAVE_PRECISIONS,
+    RENAMED_KEYS,
     TrainConfig,
     load_config_file,
 )
@@ -92,6 +94,7 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                                            "through the noisy distillation gradient only with momentum."),
     ("adam_beta2", float, None, "AdamW beta2 of every optimizer."),
     ("weight_decay", float, None, "AdamW weight decay."),
+    ("lr_warmup_steps", int, None, "Ramp every learning rate linearly from 0 over this many updates."),
     ("max_grad_norm", float, None, "Absolute gradient-norm clip of every optimiser (0 = off)."),
     ("clip_outliers", float, None, "Clip a player's gradient norm at this multiple of the median of its last 100 "
                                    "norms (after 10 steps; 0 = off): clips outliers, not every step."),
@@ -105,8 +108,19 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("checkpoint_every", int, None, "Write checkpoint-N/ every this many steps."),
     ("checkpoints_total_limit", int, None, "Keep only the newest this many checkpoints."),
     ("resume", str, None, "'latest' or a checkpoint-N folder to continue from."),
-    ("preview_every", int, None, "Write a preview PNG grid every this many steps (0 = off)."),
-    ("preview_teacher_steps", int, None, "DDIM steps of the teacher reference in previews."),
+    ("validation_every", int, None, "Write validation-N.png (condition | student one step | teacher multi-step) "
+                                    "every this many steps, and log it to the tracker (0 = only at the end)."),
+    ("validation_prompt", "append", None, "A caption of the validation grid (repeatable). Without it the grid "
+                                          "shows the first training items."),
+    ("validation_image", "append", None, "A control image of the validation grid (repeatable; the map itself, "
+                                         "as ComfyUI's ControlNet nodes take it), paired with --validation-prompt: "
+                                         "equal numbers, or one of either for all of the other."),
+    ("validation_teacher_steps", int, None, "DDIM steps of the teacher reference in validation grids."),
+    ("export_every", int, None, "Also write the ComfyUI exports every this many steps, so a run can be tried "
+                                "before it ends (0 = only at the end; `python -m jdm_train.export CHECKPOINT` "
+                                "exports any checkpoint)."),
+    ("save_precision", str, SAVE_PRECISIONS, "Precision of the exported weights (a full SD1.5 student is 3.4 GB "
+                                             "in fp32, 1.7 GB in fp16)."),
     ("log_every", int, None, "Log losses to trackers every this many steps."),
     ("report_to", str, None, "Tracker for the logs: tensorboard, wandb or all (accelerate)."),
     ("max_nonfinite", int, None, "Stop after this many consecutive non-finite losses."),
@@ -129,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "flag":
             parser.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
-        parser.add_argument(flag, dest=name, type=kind, choices=choices, metavar=None if choices else name.upper(),
+        if kind == "append":
+            parser.add_argument(flag, dest=name, action="append", metavar=name.upper(), help=help_text)
+            continue
+        old = [f"--{k.replace('_', '-')}" for k, v in RENAMED_KEYS.items() if v == name]  # earlier names still work
+        parser.add_argument(flag, *old, dest=name, type=kind, choices=choices, metavar=None if choices else name.upper(),
                             help=f"{help_text} (default: {default})")
     return parser
 

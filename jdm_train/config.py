@@ -24,6 +24,9 @@ PHASES = ("joint", "extend")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COND_DECODERS = ("vae", "taesd")
 CONDITION_WEIGHTINGS = ("eq5", "snr", "x0")  # as losses.CONDITION_WEIGHTINGS
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+#: Keys of earlier versions, read as their new names (configs and checkpoints stay loadable).
+RENAMED_KEYS = {"preview_every": "validation_every", "preview_teacher_steps": "validation_teacher_steps"}
 #: The keys that define the objective. They have one default for every model: `--ckpt demo`
 #: may not change them (jdm_train.demo.TRAIN_DEFAULTS), so what is measured on the demo is what
 #: an SD1.5 user runs.
@@ -93,6 +96,7 @@ class TrainConfig:
     adam_beta1_controlnet: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
     max_grad_norm: float = 0.0
     clip_outliers: float = 5.0
     mixed_precision: str = "no"
@@ -103,8 +107,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = None
     resume: str | None = None
-    preview_every: int = 0
-    preview_teacher_steps: int = 20
+    validation_every: int = 0
+    validation_teacher_steps: int = 20
+    validation_prompt: list[str] | None = None
+    validation_image: list[str] | None = None
+    export_every: int = 0
+    save_precision: str = "fp32"
     log_every: int = 1
     report_to: str | None = None
     max_nonfinite: int = 5
@@ -116,16 +124,17 @@ class TrainConfig:
 
         for name, choices in (("control", CONTROLS), ("objective", OBJECTIVES), ("divergence", DIVERGENCES),
                               ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS),
-                              ("condition_weighting", CONDITION_WEIGHTINGS)):
+                              ("condition_weighting", CONDITION_WEIGHTINGS), ("save_precision", SAVE_PRECISIONS)):
             if getattr(self, name) not in choices:
                 bad(name, getattr(self, name), "one of " + ", ".join(choices))
         if not self.ckpt:
             bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "fake_updates_per_step",
-                     "checkpoint_every", "log_every", "max_nonfinite", "preview_teacher_steps"):
+                     "checkpoint_every", "log_every", "max_nonfinite", "validation_teacher_steps"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("student_lora_rank", "fake_lora_rank", "preview_every", "threads"):
+        for name in ("student_lora_rank", "fake_lora_rank", "validation_every", "export_every", "threads",
+                     "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "an integer >= 0 (0 = off / full weights)")
         if self.consistency_lora_rank < 1:
@@ -174,6 +183,10 @@ class TrainConfig:
             bad("gan_weight", self.gan_weight, "0 with --gradient-checkpointing and LoRA ranks > 0")
         if self.reward is not None and ":" not in self.reward:
             bad("reward", self.reward, "MODULE:FUNCTION")
+        pair_prompts(self.validation_prompt or [], self.validation_image or [])
+        for image in self.validation_image or []:
+            if not Path(image).is_file():
+                bad("validation_image", image, "an image file")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):
             bad("report_to", self.report_to, "tensorboard, wandb or all")
         return self
@@ -190,12 +203,30 @@ class TrainConfig:
         return cls(**normalize_keys(values, source))
 
 
+def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str | None]]:
+    """Validation prompts with their control images, by diffusers' rule: equal numbers, or one of
+    either for all of the other. A prompt without images is drawn under a training item's condition."""
+    if images and not prompts:
+        raise ValueError("--validation-image needs --validation-prompt (a caption for each control image)")
+    if not images:
+        return [(p, None) for p in prompts]
+    if len(images) == 1:
+        images = images * len(prompts)
+    elif len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"--validation-prompt given {len(prompts)} times and --validation-image {len(images)} "
+                         "times; give equal numbers, or one of either")
+    return list(zip(prompts, images))
+
+
 def normalize_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Accept `max-steps` and `max_steps`; reject unknown keys naming `source`."""
     known = {f.name for f in fields(TrainConfig)}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        name = RENAMED_KEYS.get(name, name)
         if name not in known:
             raise ValueError(f"{source}: unknown key {key!r}; expected one of the trainer flags, e.g. 'max_steps'")
         out[name] = value

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -33,6 +34,21 @@ from jdm_train.schedule import NoiseSchedule
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj")
 HINT_OUT_STD = 0.02
+
+
+@contextmanager
+def averaged(ema, params: list):
+    """Within the block `params` hold the average of a diffusers `EMAModel` (None: the online
+    weights): the generator's exports and validation grids, the consistency target f^- of Eq. 8."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from jdm_train.codec import Codec
+from jdm_train.files import atomic_write
 from jdm_train.schedule import NoiseSchedule
 
 # images (B, 3, H, W) in [0, 1] for captions, control (or None) and a noise tensor: a teacher's
@@ -441,13 +442,11 @@ def main(argv=None) -> int:
                 rows[f"student (1 step, {mode} control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
 
     print(format_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"ckpt": str(ckpt), "data": str(args.data) if args.data is not None else "demo", "control": args.control,
                "feature_net": feature_net.name, "n": n,
                "teacher_steps": args.teacher_steps, "cfg": args.cfg, "seed": args.seed, "rows": rows}
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(args.out)
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

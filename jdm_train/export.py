@@ -19,6 +19,10 @@ from jdm_train.files import save_image_grid
 from jdm_train.ldm_convert import lora_to_comfyui
 
 
+#: `--save-precision`: the dtype of exported weights.
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def default_output_dir(config: TrainConfig) -> Path:
     """`--output-dir`, else `<comfyui-root>/models/jdm_runs/<output>`, else `jdm-output/<output>`."""
     if config.output_dir:
@@ -54,18 +58,20 @@ def write_exports(config: TrainConfig, roles: Roles, base_name: str, output_dir:
     meta = {"jdm.control": config.control, "jdm.timestep": str(config.generator_timestep),
             "jdm.base": base_name, "jdm.config": config.to_dict()}
     trains_student = config.phase == "joint" and config.objective != "controlnet"
+    dtype = SAVE_DTYPES[config.save_precision]
     kinds = ["controlnet"]
     if trains_student:
         kinds = ["student", "controlnet"] + (["lora"] if config.student_lora_rank > 0 else [])
     with model_io.ExportSet({k: paths[k] for k in kinds}) as exports:
         if trains_student:
             exports.write("student", *model_io.unet_ldm_export(merged_student_unet(roles),
-                                                               {**meta, "jdm.kind": "student"}))
+                                                               {**meta, "jdm.kind": "student"}, dtype=dtype))
         exports.write("controlnet", *model_io.controlnet_ldm_export(roles.controlnet,
-                                                                    {**meta, "jdm.kind": "controlnet"}))
+                                                                    {**meta, "jdm.kind": "controlnet"}, dtype=dtype))
         if "lora" in kinds:
             state, alpha = student_lora_state(roles)
-            exports.write("lora", lora_to_comfyui(state, alpha), model_io.export_metadata("student_lora", meta))
+            lora = {k: v.to(dtype) for k, v in lora_to_comfyui(state, alpha).items()}
+            exports.write("lora", lora, model_io.export_metadata("student_lora", meta))
     return exports.paths
 
 

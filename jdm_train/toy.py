@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from jdm_train import losses
+from jdm_train.denoisers import averaged
 from jdm_train.schedule import NoiseSchedule
 
 METHODS = ("jdm", "vsd", "dsm")
@@ -313,12 +314,8 @@ def train(
 
     @torch.no_grad()
     def consistency_target(x_t, t, cond=None):
-        ema.store(lora)
-        ema.copy_to(lora)
-        try:
+        with averaged(ema, lora):
             return consistency(x_t, t)
-        finally:
-            ema.restore(lora)
 
     for step in range(steps):
         x_data, c = world.sample_joint(batch, gen)

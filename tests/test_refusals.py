@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 from jdm_train import cli, fixtures, train
+from jdm_train.checkpoint import find_checkpoint
 from jdm_train.config import TrainConfig
 
 RES = "64"
@@ -90,7 +91,7 @@ def test_learning_rates_given_with_resume_are_applied_and_said(world, tmp_path, 
     config = cli.parse_args(_argv(world, out, "--max-steps", "2", "--resume", "latest", "--lr-controlnet", "0.25",
                                   "--lr-fake", "0.125", *common))
     trainer = train.Trainer(config)
-    train.load_checkpoint(trainer, train.find_checkpoint(trainer.output_dir, "latest"))
+    trainer.resume(find_checkpoint(trainer.output_dir, "latest"))
     lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in trainer.optimizers.items()}
     assert lrs["generator"][-1] == 0.25 and lrs["fake"][0] == 0.125
     assert "learning rate" in caplog.text and "0.25" in caplog.text

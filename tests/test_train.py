@@ -42,8 +42,8 @@ def _check_export(path: Path, kind: str, control: str):
 @pytest.fixture(scope="module")
 def canny_run(world):
     out = world["base"] / "canny"
-    status = cli.main(_argv(world, out, "--control", "canny", "--max-steps", "2", "--preview-every", "2",
-                            "--preview-teacher-steps", "2"))
+    status = cli.main(_argv(world, out, "--control", "canny", "--max-steps", "2", "--validation-every", "2",
+                            "--validation-teacher-steps", "2"))
     return status, out
 
 
@@ -69,7 +69,7 @@ def test_canny_rkl_run_exports_load_back(canny_run):
     assert zero_convs and any(v.abs().max() > 0 for v in zero_convs)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["config"]["control"] == "canny"
-    png = Image.open(out / "preview-000002.png")
+    png = Image.open(out / "validation-000002.png")
     assert png.size == (3 * int(RES), 4 * int(RES))  # condition | student | teacher, one row per sample
 
 
@@ -294,7 +294,7 @@ def test_main_job_on_the_shipped_demo_teacher(tmp_path, caplog):
     unet = model_io.load_unet(student)
     assert unet.config.cross_attention_dim == model_io.load_sd1_checkpoint(demo.TEACHER_PATH).unet.config.cross_attention_dim
     model_io.load_controlnet(controlnet)
-    previews = sorted(out.glob("preview-*.png"))
+    previews = sorted(out.glob("validation-*.png"))
     assert previews, "a finished run writes a preview grid"
     grid = Image.open(previews[-1])
     assert grid.width >= 3 * 64 and grid.height >= 64  # condition | student | teacher

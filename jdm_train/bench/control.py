@@ -51,15 +51,15 @@ class ControlProbe:
 
         self.trainer, self.extractor = trainer, trainer.extractor
         self.eval_set = evaluate.demo_eval_set(n, trainer.config.control)
-        self.noise = torch.randn((n,) + trainer.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
-        self.text = trainer.encode_text(self.eval_set.captions)
+        self.noise = torch.randn((n,) + trainer.players.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
+        self.text = trainer.codec.encode_text(self.eval_set.captions)
         self.features = evaluate.DemoFeatures()
         self.images: dict[str, Tensor] = {}
         # The trainer's own (frozen) teacher, as `evaluate` samples it: 25 DDIM steps, CFG 4, empty negative.
         with torch.no_grad():
             latents = ddim_reference(trainer.roles.teacher, self.noise.to(trainer.device), Cond(self.text),
-                                     Cond(trainer.encode_text([""] * n)), 25, 4.0, trainer.schedule)
-        self.reference = self.features.features(trainer.decode(latents).cpu())
+                                     Cond(trainer.codec.encode_text([""] * n)), 25, 4.0, trainer.schedule)
+        self.reference = self.features.features(trainer.codec.decode(latents).cpu())
 
     def write_grid(self, path: str, rows: int = 8) -> None:
         from jdm_train.export import write_preview_grid
@@ -79,7 +79,7 @@ class ControlProbe:
             for mode, control in (("own", c), ("blank", torch.zeros_like(c)), ("shuffled", c.roll(-1, 0))):
                 x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep,
                                       Cond(self.text, control.to(tr.device)))
-                images[mode] = tr.decode(x).cpu()
+                images[mode] = tr.codec.decode(x).cpu()
         for mode in images:
             out[f"L1 {mode}"] = float(self.extractor.consistency(images[mode], c).mean())
             if tr.config.control == "canny":
@@ -104,7 +104,7 @@ class ControlProbe:
         cond = Cond(self.text, c)
         with tr.ema_weights():
             x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep, cond)
-        clean_edges = self.extractor.extract(tr.decode(x).cpu())
+        clean_edges = self.extractor.extract(tr.codec.decode(x).cpu())
         data = self.features.features(self.eval_set.images)
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
         rows = []
@@ -113,7 +113,7 @@ class ControlProbe:
             x_t = tr.schedule.add_noise(x, eps, t)
             row = {"t": step}
             for name, model in (("f", tr.roles.consistency), ("mean", tr.roles.fake)):
-                image = tr.decode(model(x_t, t, Cond(self.text))).cpu()
+                image = tr.codec.decode(model(x_t, t, Cond(self.text))).cpu()
                 row[f"FID {name}"] = evaluate.fid(self.features.features(image), data)
                 row[f"F1 {name}"] = edge_f1(self.extractor.extract(image), clean_edges)
             rows.append(row)

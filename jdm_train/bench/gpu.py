@@ -339,7 +339,7 @@ def bench_fp16(ckpt: Path, work: Path, device: torch.device, args) -> tuple[list
     storm = skipped > args.fp16_steps // 4
     out = dict(steps=args.fp16_steps, finite=finite, skipped=int(skipped), storm=storm, losses=losses,
                grad_scaler=scaler is not None, final_scale=float(scaler.get_scale()) if scaler else None,
-               weight_dtype=str(trainer.weight_dtype))
+               weight_dtype=str(trainer.codec.dtype))
     del trainer
     _release(device)
     note = (f"GradScaler scale now {out['final_scale']:g}" if scaler else

@@ -56,7 +56,7 @@ def model_passes(trainer) -> dict[str, callable]:
     cfg, roles, sched = trainer.config, trainer.roles, trainer.schedule
     batch = trainer.load_batch(0)
     cond = batch["cond"]
-    z = torch.randn(trainer.latent_shape(cfg.batch_size), device=trainer.device)
+    z = torch.randn(trainer.players.latent_shape(cfg.batch_size), device=trainer.device)
     t = torch.full((cfg.batch_size,), 500, device=trainer.device)
     with torch.no_grad():
         x = generate_one_step(roles.student, z, cfg.generator_timestep, cond)
@@ -80,14 +80,14 @@ def model_passes(trainer) -> dict[str, callable]:
     def condition_grad():
         losses.condition_gradient(x_t, t, roles.consistency,
                                   lambda img: trainer.extractor.log_likelihood(img, control, cfg.condition_tau),
-                                  cond, trainer.decode)
+                                  cond, trainer.codec.decode)
 
     def fake_fwd_bwd():
         losses.fake_score_loss(roles.fake, x, torch.randn_like(x), t, sched, cond)[0].backward(
             inputs=roles.groups["fake"])
 
     def consistency_fwd_bwd():
-        losses.consistency_loss(roles.consistency, trainer.consistency_target, x, torch.randn_like(x), t, t - 20, sched,
+        losses.consistency_loss(roles.consistency, trainer.players.consistency_target, x, torch.randn_like(x), t, t - 20, sched,
                                 cond)[0].backward(
             inputs=roles.groups["consistency"])
 

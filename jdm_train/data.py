@@ -142,11 +142,6 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
         raise ValueError(f"--data: no image in {str(self.root)!r} could be decoded")
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack items into `{"images": (B, 3, R, R), "captions": [str] * B}`."""
-    return {"images": torch.stack([it["image"] for it in items]), "captions": [it["caption"] for it in items]}
-
-
 class BatchOrder:
     """Deterministic, resumable batch order: batch k of process r is a pure function of (seed, k, r).
 
@@ -174,6 +169,3 @@ class BatchOrder:
         """Dataset indices of micro-batch number `batch` (counted over all updates) on this process."""
         start = (batch * self.world_size + self.rank) * self.batch_size
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]
-
-    def batch(self, dataset, batch: int) -> dict:
-        return collate([dataset[i] for i in self.indices(batch)])

@@ -93,21 +93,6 @@ def score_difference(x0_a: Tensor, x0_b: Tensor, t: Tensor, schedule: NoiseSched
     return alpha * (x0_a - x0_b) / sigma**2
 
 
-def fidelity_direction(
-    x: Tensor, x_t: Tensor, t: Tensor, x0_real: Tensor, x0_fake: Tensor, schedule: NoiseSchedule, weighting: str = "dmd"
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Fidelity learning of Eq. 5, `lambda_t alpha_t (s_phi - s_psi)(x_t)`, as a direction on x (B, ...).
-
-    x: student output (B, ...), x_t = alpha_t x + sigma_t eps, x0_real / x0_fake: the teacher's and
-    the fake score's x0 predictions at (x_t, t). With `weighting="dmd"` it equals
-    `(x0_real - x0_fake) / mean|x - x0_real|` per sample (docs/method.md §3). Detached.
-    """
-    del x_t  # both x0 predictions are taken at x_t already; kept for a uniform signature
-    x0_real, x0_fake = x0_real.detach(), x0_fake.detach()
-    g = term_scale(x, x0_real, t, schedule, weighting) * score_difference(x0_real, x0_fake, t, schedule)
-    return g, _logs(fidelity_norm=g.flatten(1).norm(dim=1), real_fake_gap=_mean_abs(x0_real - x0_fake))
-
-
 # --------------------------------------------------------------------------- f-divergences
 
 
@@ -341,16 +326,6 @@ def generator_loss(x: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule, r
     loss = surrogate_loss(x, g, reduction)
     logs["generator_loss"] = loss.detach()
     return loss, logs
-
-
-def implicit_vsd_loss(x: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule, real_denoise: Denoiser,
-                      fake_denoise: Denoiser, cond: Any = None, **terms: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """Baseline "implicit VSD" (JDM Sec. 3.2, Table 2): the ControlNet sits in the student but the
-    loss is the fidelity term only, no condition term, so nothing asks the student to obey c."""
-    for key in ("log_likelihood", "reward"):
-        if terms.get(key) is not None:
-            raise ValueError(f"implicit VSD has no condition term; got {key}")
-    return generator_loss(x, t, eps, schedule, real_denoise, fake_denoise, cond, **terms)
 
 
 # --------------------------------------------------------------------------- auxiliary models

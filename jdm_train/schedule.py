@@ -30,10 +30,6 @@ class NoiseSchedule:
     def __init__(self, alphas_cumprod: Tensor | None = None):
         self.alphas_cumprod = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.double()
 
-    @property
-    def num_timesteps(self) -> int:
-        return self.alphas_cumprod.shape[0]
-
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_t, sigma_t for integer timesteps `t` (B,), shaped (B, 1, ...) like `like`."""
         abar = self.alphas_cumprod.to(t.device)[t.long()]
@@ -53,11 +49,6 @@ class NoiseSchedule:
     def eps_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma
-
-    def score_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
-        """`s = -eps / sigma = -(x_t - alpha x0) / sigma^2` (JDM Eq. 1)."""
-        alpha, sigma = self.alpha_sigma(t, x_t)
-        return -(x_t - alpha * x0) / sigma**2
 
     def sigma_ve(self, t: Tensor) -> Tensor:
         """ComfyUI / k-diffusion sigma of timestep t: sqrt((1 - abar) / abar)."""

@@ -48,13 +48,13 @@ def test_equal_real_and_fake_give_zero_fidelity_direction(weighting):
     assert torch.count_nonzero(x_req.grad) == 0
 
 
-def test_fidelity_direction_is_alpha_times_analytic_score_difference_and_points_at_real_mean():
+def test_fidelity_term_is_alpha_times_analytic_score_difference_and_points_at_real_mean():
     x, eps, t = _batch(1)
     mu_r = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1).expand(1, 3, 3, 3)[:, :2]
     mu_f = torch.zeros_like(mu_r)
     x_t = S.add_noise(x, eps, t)
     real, fake = gaussian_denoiser(mu_r, 1.0), gaussian_denoiser(mu_f, 1.0)
-    g, _ = losses.fidelity_direction(x, x_t, t, real(x_t, t), fake(x_t, t), S, weighting="none")
+    g, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="none")
     alpha, _ = S.alpha_sigma(t, x)
     expected = alpha * (gaussian_score(mu_r, 1.0, x_t, t) - gaussian_score(mu_f, 1.0, x_t, t))
     torch.testing.assert_close(g, expected)
@@ -71,10 +71,10 @@ def test_weightings_match_their_closed_forms():
     real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
     fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
     x0_r, x0_f = real(x_t, t), fake(x_t, t)
-    dmd, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="dmd")
+    dmd, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="dmd")
     norm = (x - x0_r).abs().mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
     torch.testing.assert_close(dmd, (x0_r - x0_f) / norm)  # DMD's normalised gradient, docs/method.md §3
-    sig2, _ = losses.fidelity_direction(x, x_t, t, x0_r, x0_f, S, weighting="sigma2")
+    sig2, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="sigma2")
     torch.testing.assert_close(sig2, x0_r - x0_f)
     with pytest.raises(ValueError, match="weighting"):
         losses.term_scale(x, x0_r, t, S, "snr")
@@ -127,8 +127,6 @@ def test_f_weighting_reduces_to_plain_gradient_when_ratio_is_constant(divergence
     disc = lambda x_t, t, c: torch.full((x_t.shape[0],), 0.7, dtype=x_t.dtype)  # noqa: E731
     weighted, _ = losses.generator_direction(x, t, eps, S, real, fake, discriminator=disc, divergence=divergence)
     torch.testing.assert_close(weighted, plain)
-    x_t = S.add_noise(x, eps, t)
-    torch.testing.assert_close(plain, losses.fidelity_direction(x, x_t, t, real(x_t, t), fake(x_t, t), S)[0])
 
 
 def test_f_weights_multiply_each_sample_of_the_fidelity_term():
@@ -291,19 +289,6 @@ def test_decoupled_cfg_with_guidance_teacher_equal_to_real_is_dmd_cfg():
                                        guidance_uncond="neg", cfg_scale=4.5, weighting="sigma2")
     assert calls == ["pos", "neg"]
     torch.testing.assert_close(g2, g)
-
-
-def test_implicit_vsd_is_fidelity_only():
-    x, eps, t = _batch(10)
-    real = gaussian_denoiser(torch.full_like(x[:1], 0.5), 0.8)
-    fake = gaussian_denoiser(torch.full_like(x[:1], -0.2), 1.3)
-    xr = x.clone().requires_grad_(True)
-    loss, _ = losses.implicit_vsd_loss(xr, t, eps, S, real, fake)
-    loss.backward()
-    g, _ = losses.generator_direction(x, t, eps, S, real, fake)
-    torch.testing.assert_close(xr.grad, -g / x.shape[0])
-    with pytest.raises(ValueError, match="condition"):
-        losses.implicit_vsd_loss(x, t, eps, S, real, fake, log_likelihood=lambda i: i.sum(1), consistency_denoise=real)
 
 
 def test_fake_score_loss_of_exact_denoiser_is_the_posterior_variance():

@@ -34,8 +34,9 @@ def test_exact_score_matches_finite_differences_and_tweedie():
     fd = torch.stack([(_log_density_t(world, x_t + h * e, t) - _log_density_t(world, x_t - h * e, t)) / (2 * h)
                       for e in torch.eye(2, dtype=torch.float64)], 1)
     torch.testing.assert_close(score, fd, rtol=1e-6, atol=1e-6)
-    # Tweedie: the x0 prediction and the score are one object (JDM Eq. 1).
-    torch.testing.assert_close(world.schedule.score_from_x0(x_t, world.denoise(x_t, t), t), score)
+    # Tweedie: the x0 prediction and the score are one object, s = -(x_t - alpha x0) / sigma^2 (JDM Eq. 1).
+    alpha, sigma = world.schedule.alpha_sigma(t, x_t)
+    torch.testing.assert_close(-(x_t - alpha * world.denoise(x_t, t)) / sigma**2, score)
 
 
 def test_conditional_sampler_matches_importance_weights():

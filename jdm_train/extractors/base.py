@@ -132,8 +132,6 @@ class Extractor:
     #: whether the condition's 3 channels are independent observations (an RGB image) or one map
     #: repeated as a hint (edges, depth): `log_likelihood` sums over the former, counts the latter once
     independent_channels: ClassVar[bool] = False
-    #: whether `extract` itself carries a useful gradient (False: use `soft`)
-    extract_is_differentiable: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         known = {p.name: p for p in self.PARAMS}

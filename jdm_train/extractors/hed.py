@@ -117,7 +117,6 @@ class HED(Extractor):
 
     name = "hed"
     distance = "bce"
-    extract_is_differentiable = True
     #: the weight file a ComfyUI node offers as a list of the annotator folders' files
     ANNOTATOR = HED_WEIGHTS
     PARAMS = (

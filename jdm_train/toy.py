@@ -5,15 +5,16 @@ x0 = E[x | x_t] are closed-form for every t on the SD schedule, so the teacher i
 Control: a discrete c with a known classifier p(c|x) = softmax(beta * u_k . x) (three angular
 sectors) that the teacher does not know; p(x|c) ∝ p(c|x) p(x) is sampled exactly by rejection.
 
-The toy trainer runs the objective of `jdm_train.losses` as the SD trainer does (same loss
-functions; the toy takes two fake-score updates per generator update and fits the fake score
-on t in [0, 999]):
-a student `G(z, c)`, a fake score initialised to the teacher (teacher + zero-initialised MLP
-correction), a consistency model = the fake score with a peft LoRA on its `nn.Linear` layers,
-and a discriminator head on the fake score's hidden features, with alternating
-fake-score / consistency / discriminator and generator steps. Baselines: DSM ControlNet and
-implicit VSD. `evaluate` measures fidelity (sliced W2 to the true conditionals), consistency
-(mean true p(c|x)) and light-mode coverage.
+The toy trainer computes the objective with the SD trainer's loss functions (`jdm_train.losses`)
+for the same players: a student `G(z, c)`, a fake score initialised to the teacher (teacher +
+zero-initialised MLP correction), a consistency model = the fake score with a peft LoRA on its
+`nn.Linear` layers, and a discriminator head on the fake score's hidden features. Its loop is
+its own, not the SD trainer's: each step first updates the fake score (with the discriminator)
+and then the consistency LoRA, `fake_steps` times (two by default), each time on fresh student
+samples, and the generator last; the SD trainer (`players.phases`) updates the generator first
+and then the fake score, consistency LoRA and discriminator together. The toy also fits the fake
+score on t in [0, 999]. Baselines: DSM ControlNet and implicit VSD. `evaluate` measures fidelity
+(sliced W2 to the true conditionals), consistency (mean true p(c|x)) and light-mode coverage.
 """
 
 from __future__ import annotations
@@ -267,9 +268,11 @@ def train(
     weighting: str = "dmd",
     callback=None,
 ) -> ToyRun:
-    """Train a student with `method` in {"jdm", "vsd", "dsm"} exactly as the SD trainer alternates its
-    steps: fake score (Eq. 6), consistency LoRA (Eq. 8), discriminator (GAN loss, f != rkl), then
-    one generator step (Eq. 10 through `losses.generator_loss`; VSD: fidelity only; DSM: regression).
+    """Train a student with `method` in {"jdm", "vsd", "dsm"}. Each step: `fake_steps` times a
+    fake-score update (Eq. 6, with the discriminator's GAN loss when f != rkl) followed by a
+    consistency-LoRA update (Eq. 8), then one generator step (Eq. 10 through
+    `losses.generator_loss`; VSD: fidelity only; DSM: regression). The SD trainer takes the same
+    updates generator first (module docstring).
     The consistency LoRA is trained as the SD trainer trains it (pairs on `consistency_points` Karras
     points down to the boundary t = 0, an EMA target with decay `consistency_ema`); the fake score is
     fitted on t in [0, 999]. `condition="exact"` replaces the consistency-model estimate of

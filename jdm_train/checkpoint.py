@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from jdm_train import model_io
 from jdm_train.files import atomic_write
 
@@ -78,18 +80,13 @@ def checkpoint_bytes(trainer: "Trainer") -> int:
     return 4 * (3 * trained + averaged + exported)
 
 
-def replica_digests(trainer: "Trainer") -> list[str]:
-    """sha256 of every trained tensor, one per process: replicas that drifted apart are an error."""
-    from accelerate.utils import gather_object
-
+def weights_digest(roles) -> str:
+    """sha256 of every trained tensor: replicas whose digests differ have drifted apart."""
     h = hashlib.sha256()
-    for key, value in sorted(trainer.roles.trainable_state().items()):
+    for key, value in sorted(roles.trainable_state().items()):
         h.update(key.encode())
         h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    digests = gather_object([h.hexdigest()]) if trainer.accelerator.num_processes > 1 else [h.hexdigest()]
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"step {trainer.step}: the {len(digests)} replicas hold different weights ({digests})")
-    return digests
+    return h.hexdigest()
 
 
 def save_checkpoint(trainer: "Trainer") -> Path:
@@ -101,7 +98,7 @@ def save_checkpoint(trainer: "Trainer") -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    digests = replica_digests(trainer)
+    digests = trainer.replica_digests()
     try:
         _write(trainer, tmp, final, digests)
     except Exception as exc:
@@ -187,9 +184,15 @@ def _load_ema(ema, params: list, path: Path) -> None:
         log.warning("%s has no %s; that average starts from the resumed weights", path.parent, path.name)
         ema.shadow_params = [p.detach().clone() for p in params]
         return
+    ema.optimization_step = load_average(ema.shadow_params, path)
+
+
+def load_average(tensors: list, path: Path) -> int:
+    """Copy an EMA file's averages into `tensors` (same order); returns the EMA's step."""
     shadows, meta = model_io.read_state_dict(path)
-    if len(shadows) != len(ema.shadow_params):
-        raise ValueError(f"{path}: {len(shadows)} EMA tensors, the model has {len(ema.shadow_params)}")
-    for i, s in enumerate(ema.shadow_params):
-        s.copy_(shadows[f"{i:05d}"])
-    ema.optimization_step = int(meta["jdm.ema_step"])
+    if len(shadows) != len(tensors):
+        raise ValueError(f"{path}: {len(shadows)} EMA tensors, the model has {len(tensors)}")
+    with torch.no_grad():
+        for i, s in enumerate(tensors):
+            s.copy_(shadows[f"{i:05d}"])
+    return int(meta["jdm.ema_step"])

@@ -2,7 +2,8 @@
 trained student, ControlNet and student LoRA, and the preview grids.
 
 No accelerate here: `train.py` decides which process writes and when the others wait.
-Resumable checkpoints hold accelerate state and stay in `train.py`.
+`python -m jdm_train.export CHECKPOINT_DIR` writes the exports of any training checkpoint, so a
+run can be tried in ComfyUI before it ends (or after it crashed).
 """
 
 from __future__ import annotations
@@ -86,3 +87,63 @@ def write_preview_grid(path: Path, columns: list[Tensor]) -> Path:
     Written atomically (`files.save_image_grid`), so a viewer never sees half an image."""
     rows = torch.stack([col.float().cpu() for col in columns], dim=1)  # (n, k, 3, H, W)
     return save_image_grid(path, rows.flatten(0, 1), ncol=len(columns))
+
+
+def export_checkpoint(checkpoint: Path, output_dir: Path | None = None, save_precision: str | None = None,
+                      comfyui_root: str | None = None, device: str = "cpu") -> dict[str, Path]:
+    """The exports of a `checkpoint-N/` folder, with its generator EMA when it has one: the run's
+    config is read back from the checkpoint and its models rebuilt from the teacher."""
+    import json
+
+    from jdm_train.build import build_models
+    from jdm_train.checkpoint import load_average
+    from jdm_train.optim import generator_params
+    from jdm_train.schedule import NoiseSchedule
+
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ValueError(f"{checkpoint}: not a training checkpoint (no trainer_state.json); expected a checkpoint-N folder")
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    config = TrainConfig.from_dict(saved["config"], source=str(checkpoint / "trainer_state.json"))
+    config.resume = None
+    if comfyui_root is not None:
+        config.comfyui_root = comfyui_root
+    if save_precision is not None:
+        config.save_precision = save_precision
+    models = build_models(config, torch.device(device), torch.float32, NoiseSchedule())
+    weights, _ = model_io.read_state_dict(checkpoint / "trainable.safetensors")
+    models.roles.load_trainable_state(weights)
+    params = generator_params(models.roles.groups)
+    if (checkpoint / "ema.safetensors").is_file():
+        load_average(params, checkpoint / "ema.safetensors")
+    out = Path(output_dir) if output_dir is not None else default_output_dir(config)
+    return write_exports(config, models.roles, models.teacher_name, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from jdm_train.config import SAVE_PRECISIONS
+
+    parser = argparse.ArgumentParser(prog="python -m jdm_train.export",
+                                     description="Write the ComfyUI files (student, ControlNet, LoRA) of a training "
+                                                 "checkpoint, with its EMA weights when the run kept an average.")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint-N folder of a run")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where to write (default: where the run exports: the ComfyUI model folders of its "
+                             "--comfyui-root, else its output folder)")
+    parser.add_argument("--comfyui-root", default=None, help="resolve the teacher and export in this ComfyUI folder")
+    parser.add_argument("--save-precision", choices=SAVE_PRECISIONS, default=None,
+                        help="precision of the written weights (default: the run's)")
+    parser.add_argument("--device", default="cpu", help="device to rebuild the models on (default: cpu)")
+    args = parser.parse_args(argv)
+    try:
+        written = export_checkpoint(args.checkpoint, args.output_dir, args.save_precision, args.comfyui_root, args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,12 @@ def build_optimizers(config: TrainConfig, groups: dict[str, list]) -> dict[str, 
     return opts
 
 
+def generator_params(groups: dict[str, list]) -> list:
+    """The generator's trained parameters in its optimiser's order (student UNet or its LoRA, then
+    the ControlNet): the order of its EMA in checkpoints."""
+    return list(groups.get("student", [])) + list(groups["controlnet"])
+
+
 def base_rates(optimizers: dict) -> dict[str, list[float]]:
     """The learning rates a run asks for, per optimiser and group (before warm-up)."""
     return {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from jdm_train import losses
+from jdm_train import losses, optim
 from jdm_train.build import Models
 from jdm_train.config import TrainConfig
 from jdm_train.denoisers import Cond, UNetDenoiser, averaged
@@ -258,7 +258,7 @@ def phases(players: Players, optimizers: dict, generator_ema=None) -> list[Phase
     score, the consistency LoRA and the discriminator (disjoint parameters, one sample)."""
     config, roles = players.config, players.roles
     groups = roles.groups
-    generator_params = [p for g in optimizers["generator"].param_groups for p in g["params"]]
+    generator_params = optim.generator_params(groups)
     out = [Phase("generator", [Term("generator", players.generator, generator_params, role=roles.student)],
                  ["generator"], [(generator_ema, generator_params)] if generator_ema is not None else [])]
     if "fake" not in optimizers:

@@ -23,7 +23,8 @@ import torch
 
 from jdm_train import model_io, optim
 from jdm_train.build import Models, build_models, load_dataset, preflight
-from jdm_train.checkpoint import RunState, checkpoint_bytes, checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from jdm_train.checkpoint import (RunState, checkpoint_bytes, checkpoints, load_checkpoint, remove_partial, save_checkpoint,
+                                  weights_digest)
 from jdm_train.config import TrainConfig
 from jdm_train.data import BatchOrder
 from jdm_train.denoisers import Cond, averaged
@@ -92,13 +93,24 @@ class Trainer:
 
     def generator_params(self) -> list:
         """The generator's trained parameters (student UNet or its LoRA, and the ControlNet)."""
-        return [p for group in self.optimizers["generator"].param_groups for p in group["params"]]
+        return optim.generator_params(self.roles.groups)
 
     def averages(self) -> dict:
         """Checkpoint file -> (EMAModel, its parameters): the generator's and the consistency target f^-."""
         found = {"ema.safetensors": (self.ema, self.generator_params()),
                  "consistency_ema.safetensors": (self.players.consistency_ema, self.roles.groups["consistency"])}
         return {file: pair for file, pair in found.items() if pair[0] is not None}
+
+    def replica_digests(self) -> list[str]:
+        """`checkpoint.weights_digest` of every process; replicas that drifted apart are an error."""
+        from accelerate.utils import gather_object
+
+        digests = [weights_digest(self.roles)]
+        if self.accelerator.num_processes > 1:
+            digests = gather_object(digests)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"step {self.step}: the {len(digests)} replicas hold different weights ({digests})")
+        return digests
 
     @contextmanager
     def ema_weights(self):

@@ -3,10 +3,10 @@
 Each node is IMAGE (BHWC) -> IMAGE, calling exactly `jdm_train.extractors.run_extractor` on
 the BCHW view, so a control image made in a workflow is the condition the student was
 trained on. Widgets come from the extractor's declared parameters. Annotator weights (HED's
-`weights`, depth's `model`) are combos of what ComfyUI's `annotators` model folders and
-comfyui_controlnet_aux's folders hold, the default name always first so a missing file still
-gets the message saying where to put it; the node resolves the name inside those folders and
-never reads a path it was given.
+`weights`; depth's `model`: model folders and `dpt_hybrid-midas-501f0c75.pt`) are combos of what
+ComfyUI's `annotators` model folders and comfyui_controlnet_aux's folders hold, the default name
+always first so a missing file still gets the message saying where to put it; the node resolves
+the name inside those folders and never reads a path it was given.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def annotator_files(name: str) -> AnnotatorFiles | None:
 
 def _annotator_widget(files: AnnotatorFiles):
     tip = (f"{files.what} in models/annotators (or comfyui_controlnet_aux's ckpts/lllyasviel/Annotators); "
-           f"{files.names[0]!r} also finds {', '.join(files.names[1:])}. {files.how_to_get}")
+           f"{files.names[0]!r} also finds {', '.join(files.candidates(files.names[0])[1:])}. {files.how_to_get}")
     return io.Combo.Input(files.param, options=list_annotators(files, annotator_folders()), default=files.names[0],
                           tooltip=tip)
 

@@ -41,9 +41,18 @@ class AnnotatorFiles:
     is_dir: bool
     what: str
     how_to_get: str
+    #: with `is_dir`: single weight files, by these file names, also accepted in place of a model folder
+    files: tuple[str, ...] = ()
 
     def candidates(self, name: str) -> list[str]:
-        return list(self.names) if name == self.names[0] else [name]
+        return list(self.names + self.files) if name == self.names[0] else [name]
+
+    def accepts(self, path: Path) -> bool:
+        """Whether `path` is one of these: a model folder (`is_dir`) or a weight file (named in `files`
+        when `is_dir`)."""
+        if path.is_file():
+            return not self.is_dir or path.name in self.files
+        return self.is_dir and path.is_dir()
 
 
 #: Suffixes of annotator weight files offered by `list_annotators`.
@@ -70,8 +79,9 @@ def annotator_dirs(comfyui_root: str | os.PathLike | None = None, models_dir: st
 
 def list_annotators(files: AnnotatorFiles, dirs: Sequence[str | os.PathLike], max_depth: int = 4) -> list[str]:
     """What a node offers for `files`: the default name first, then the names ('/'-separated,
-    relative to one of `dirs`) of the weight files, or model folders (holding a config.json),
-    found there. Files inside model folders are not offered as weight files."""
+    relative to one of `dirs`) of the weight files, or model folders (holding a config.json) and
+    the weight files named in `files.files`, found there. Files inside model folders are not
+    offered as weight files."""
     found: set[str] = set()
     for d in dirs:
         base = Path(d)
@@ -87,6 +97,8 @@ def list_annotators(files: AnnotatorFiles, dirs: Sequence[str | os.PathLike], ma
             subdirs[:] = [s for s in subdirs if not s.startswith(".")] if len(rel.parts) < max_depth else []
             if not files.is_dir:
                 found.update((rel / n).as_posix() for n in names if n.lower().endswith(WEIGHT_SUFFIXES))
+            else:
+                found.update((rel / n).as_posix() for n in names if n in files.files)
     return [files.names[0]] + sorted(found - {files.names[0]})
 
 
@@ -108,12 +120,11 @@ def resolve_node_annotator(files: AnnotatorFiles, name: str, dirs: Sequence[str 
     if not isinstance(name, str) or not _plain_name(name):
         raise ValueError(f"{files.param}: {name!r} is not a name in the annotator folders; pick one of the files "
                          f"offered (found in:\n  {folders})")
-    exists = Path.is_dir if files.is_dir else Path.is_file
     for d in dirs:
         base = Path(os.path.normpath(os.path.abspath(d)))
         for n in files.candidates(name):
             cand = Path(os.path.normpath(base / n))
-            if base in cand.parents and exists(cand):
+            if base in cand.parents and files.accepts(cand):
                 return cand
     raise MissingWeightsError(f"{files.param}: {files.what} {name!r} not found. Looked in:\n  {folders}\n"
                               f"{files.how_to_get}")
@@ -127,13 +138,18 @@ def find_annotator(
     how_to_get: str,
     comfyui_root: str | os.PathLike | None = None,
     models_dir: str | os.PathLike | None = None,
+    or_file: bool = False,
 ) -> Path:
-    """First existing `names[i]` (a file, or with `is_dir` a folder) in `annotator_dirs`.
+    """First existing `names[i]` (a file, or with `is_dir` a folder, or with `or_file` too a file)
+    in `annotator_dirs`.
 
     A name that is itself an existing path (absolute or relative) wins. Raises
     MissingWeightsError naming every folder searched and the file to download.
     """
-    exists = Path.is_dir if is_dir else Path.is_file
+
+    def exists(p: Path) -> bool:
+        return (p.is_dir() or (or_file and p.is_file())) if is_dir else p.is_file()
+
     for name in names:
         p = Path(name).expanduser()
         if exists(p):

@@ -280,7 +280,6 @@ class Depth(Extractor):
 
     name = "depth"
     distance = "l1"
-    extract_is_differentiable = True
     #: the model folder a ComfyUI node offers as a list of the annotator folders' model folders
     ANNOTATOR = DEPTH_MODEL
     PARAMS = (

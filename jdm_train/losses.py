@@ -203,60 +203,80 @@ def surrogate_loss(x: Tensor, g: Tensor, reduction: str = "mean") -> Tensor:
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def generator_direction(
-    x: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    schedule: NoiseSchedule,
-    real_denoise: Denoiser,
-    fake_denoise: Denoiser | None,
-    cond: Any = None,
-    *,
-    consistency_denoise: Denoiser | None = None,
-    log_likelihood: LogLikelihood | None = None,
-    decode: Callable[[Tensor], Tensor] | None = None,
-    guidance_denoise: Denoiser | None = None,
-    guidance_cond: Any = None,
-    guidance_uncond: Any = None,
-    cfg_scale: float = 1.0,
-    reward: LogLikelihood | None = None,
-    discriminator: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
-    divergence: str = "rkl",
-    weighting: str = "dmd",
-    fidelity_weight: float = 1.0,
-    condition_weight: float = 1.0,
-    reward_weight: float = 1.0,
-    condition_t_max: int = 999,
-    condition_weighting: str = "eq5",
-    condition_mask: Tensor | None = None,
-    exact_condition: Callable[[Tensor, Tensor], Tensor] | None = None,
+def fidelity_term(
+    x_t: Tensor, t: Tensor, x0_real: Tensor, schedule: NoiseSchedule, fake_denoise: Denoiser, cond: Any = None,
+    discriminator: Callable[[Tensor, Tensor, Any], Tensor] | None = None, divergence: str = "rkl",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The summed JDM direction g on the student output x (B, ...) of one generator step
-    (JDM Eq. 5 / 9 / 10 with f-distill weighting; docs/method.md §2-8). Detached.
+    """Fidelity learning in score space at x_t (B, ...): `h_f(r) (s_phi - s_psi)` (JDM Eq. 5,
+    docs/method.md §3), weighted per sample by f-distill's `h_f(r)` (docs/method.md §4).
 
-    x_t = alpha_t sg(x) + sigma_t eps at timesteps t (B,). Terms, all at the same (x_t, t):
-    fidelity `h_f(r) (s_phi - s_psi)` from `real_denoise`/`fake_denoise` (cond = text) with r from
-    `discriminator(x_t, t, cond) -> (B,)` logits (required unless divergence="rkl"); condition
-    `grad log p(c|x_t)` through `consistency_denoise` and `log_likelihood(decode(x_hat))` (skipped
-    when `log_likelihood` is None: that is implicit VSD); decoupled CFG from `guidance_denoise`
-    with `guidance_cond`/`guidance_uncond` at `cfg_scale` (skipped at scale 1); reward (Eq. 9)
-    through the consistency model. `fake_denoise=None` drops fidelity (pure condition/reward).
-    `fidelity_weight`, `condition_weight`, `reward_weight` multiply the terms; 1 keeps Eq. 5's scale.
-    `condition_t_max` (ours): the condition term only for samples with t <= it (999: always, Eq. 5);
-    near t = 999 the consistency model's one-step x0 is a blur whose edge gradient, amplified by
-    1 / alpha_t, is mostly noise.
-    `condition_weighting` (ours): "eq5" gives the condition term the fidelity term's lambda_t, as
-    Eq. 5; "snr" multiplies it by SNR(t) = alpha_t^2 / sigma_t^2, which makes its direction on x the
-    gradient with respect to the consistency model's x0 (d x0 / d x_t ~ 1 / alpha_t) at the same
-    scale at every t. Under "eq5" with DMD's weighting the term grows as 1 / alpha_t^2 towards t = 999,
-    where x0 is a blur, and all but vanishes at small t, where x0 is sharp; "snr" keeps DMD's
-    1 / mean|x - x0_real|, which is large at small t. "x0" gives the direction `alpha_t g_c` on x,
-    the gradient with respect to x0, with no lambda_t and no DMD normalisation.
-    `condition_mask` (B,) bool: False for samples whose control was dropped (`--control-dropout`,
-    ours), which then get no condition term, only fidelity.
-    `exact_condition(x_t, t) -> (B,)`: log p(c|x_t) itself, where it is known in closed form (the
-    analytic world, `toy.py`); it replaces the consistency-model estimate, the referee of that estimate.
+    `x0_real` is the teacher's x0 at `(x_t, t, cond)`; r comes from `discriminator(x_t, t, cond) -> (B,)`
+    logits, needed unless divergence="rkl" (weight 1, plain JDM). Detached.
     """
+    logs: dict[str, Tensor] = {}
+    with torch.no_grad():
+        x0_fake = fake_denoise(x_t, t, cond)
+    fid = score_difference(x0_real, x0_fake, t, schedule)
+    if divergence != "rkl":
+        with torch.no_grad():
+            logits = discriminator(x_t, t, cond).reshape(-1)
+        h, flogs = f_divergence_weight(logits, divergence)
+        logs.update(flogs)
+        fid = _per_sample(h, fid) * fid
+    logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
+    return fid, logs
+
+
+def condition_term(
+    x_t: Tensor, t: Tensor, schedule: NoiseSchedule, consistency_denoise: Denoiser, log_likelihood: LogLikelihood,
+    cond: Any = None, decode: Callable[[Tensor], Tensor] | None = None, *, weight: float = 1.0, t_max: int = 999,
+    weighting: str = "eq5", mask: Tensor | None = None,
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Condition learning: `weight grad_{x_t} log p(c|x_t)` through the consistency model (JDM Eq. 5, 7;
+    docs/method.md §5), weighted across t by `weighting` (ours). Returns the term (B, ...), detached,
+    in score space for "eq5" and "snr" and as a direction on x for "x0"; None when no sample is kept.
+
+    - "eq5": the fidelity term's lambda_t, as Eq. 5 (grows as 1 / alpha_t^2 towards t = 999 under DMD's
+      weighting, where the consistency model's x0 is a blur, and all but vanishes at small t).
+    - "snr": times SNR(t) = alpha_t^2 / sigma_t^2: on x, the gradient with respect to the consistency
+      model's x0 (d x0 / d x_t ~ 1 / alpha_t), at the same scale at every t; it keeps DMD's
+      1 / mean|x - x0_real|, which is large at small t.
+    - "x0": `alpha_t g_c` on x, with no lambda_t and no DMD normalisation.
+
+    Kept are the samples with t <= `t_max` (ours; 999: always, Eq. 5; near t = 999 the one-step x0 is a
+    blur whose edge gradient, amplified by 1 / alpha_t, is mostly noise) and, when given, `mask` (B,)
+    True (False: control dropped, `--control-dropout`, ours).
+    """
+    keep = t <= t_max
+    if mask is not None:
+        keep = keep & mask.to(keep.device, torch.bool)
+    if not bool(keep.any()):
+        # No sample kept (t above t_max, or control dropped): skip the consistency/decoder pass.
+        return None, {}
+    g_c, logs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
+    w_c = _per_sample(weight * keep.to(g_c.dtype), g_c)
+    alpha, sigma = schedule.alpha_sigma(t, g_c)
+    if weighting == "x0":
+        return w_c * alpha * g_c, logs
+    return (w_c * (alpha / sigma).pow(2) if weighting == "snr" else w_c) * g_c, logs
+
+
+def reward_term(
+    x_t: Tensor, t: Tensor, consistency_denoise: Denoiser, reward: LogLikelihood, cond: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Human feedback `grad_{x_t} r(decode(f(x_t, t)))` in score space (JDM Eq. 9, docs/method.md §9):
+    through the consistency model f, as the condition term, never on x directly (reward hacking). Detached."""
+    g_r, rlogs = condition_gradient(x_t, t, consistency_denoise, reward, cond, decode)
+    return g_r, {"reward": rlogs["log_likelihood"], "reward_grad_norm": rlogs["condition_grad_norm"]}
+
+
+def _identity(x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+    return x_t
+
+
+def _check_terms(divergence: str, discriminator: Any, fake_denoise: Any, log_likelihood: Any, reward: Any,
+                 consistency_denoise: Any, cfg_scale: float, guidance_denoise: Any, condition_weighting: str) -> None:
     if condition_weighting not in CONDITION_WEIGHTINGS:
         raise ValueError(f"condition_weighting must be one of {CONDITION_WEIGHTINGS}, got {condition_weighting!r}")
     if divergence != "rkl" and discriminator is None and fake_denoise is not None:
@@ -266,51 +286,57 @@ def generator_direction(
         raise ValueError("the condition and reward terms need consistency_denoise (the fake score + consistency LoRA, Eq. 8)")
     if cfg_scale != 1.0 and guidance_denoise is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs guidance_denoise (the guidance teacher)")
+
+
+def generator_direction(
+    x: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule, real_denoise: Denoiser, fake_denoise: Denoiser | None,
+    cond: Any = None, *, consistency_denoise: Denoiser | None = None, log_likelihood: LogLikelihood | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None, guidance_denoise: Denoiser | None = None, guidance_cond: Any = None,
+    guidance_uncond: Any = None, cfg_scale: float = 1.0, reward: LogLikelihood | None = None,
+    discriminator: Callable[[Tensor, Tensor, Any], Tensor] | None = None, divergence: str = "rkl", weighting: str = "dmd",
+    fidelity_weight: float = 1.0, condition_weight: float = 1.0, reward_weight: float = 1.0, condition_t_max: int = 999,
+    condition_weighting: str = "eq5", condition_mask: Tensor | None = None,
+    exact_condition: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The summed JDM direction g on the student output x (B, ...) of one generator step (JDM Eq. 5 / 9 / 10
+    with f-distill weighting; docs/method.md §2-8), detached. x_t = alpha_t sg(x) + sigma_t eps at t (B,).
+
+    The terms at (x_t, t), summed in score space and mapped to x by `term_scale(weighting)`: `fidelity_term`
+    (none with `fake_denoise=None`); `condition_term` with `condition_t_max`, `condition_weighting`,
+    `condition_mask` (none when `log_likelihood` is None: implicit VSD); `cfg_direction` from `guidance_denoise`
+    (none at `cfg_scale` 1); `reward_term`. The `*_weight`s multiply them (1: Eq. 5's scale). `exact_condition`
+    `(x_t, t) -> (B,)`: log p(c|x_t) in closed form (the analytic world, `toy.py`), replacing the estimate.
+    """
+    _check_terms(divergence, discriminator, fake_denoise, log_likelihood, reward, consistency_denoise, cfg_scale,
+                 guidance_denoise, condition_weighting)
     x_t = schedule.add_noise(x.detach(), eps, t)
     logs: dict[str, Tensor] = {}
     with torch.no_grad():
         x0_real = real_denoise(x_t, t, cond)
-    score = torch.zeros_like(x_t)  # score-space terms at x_t, mapped to x by term_scale (Eq. 5)
-    on_x = torch.zeros_like(x_t)  # terms given as directions on x already
+    # Score-space terms at x_t, mapped to x by term_scale (Eq. 5), and terms given as directions on x already.
+    score, on_x = torch.zeros_like(x_t), torch.zeros_like(x_t)
     if fake_denoise is not None and fidelity_weight != 0.0:
-        with torch.no_grad():
-            x0_fake = fake_denoise(x_t, t, cond)
-        fid = score_difference(x0_real, x0_fake, t, schedule)
-        if divergence != "rkl":
-            with torch.no_grad():
-                logits = discriminator(x_t, t, cond).reshape(-1)
-            h, flogs = f_divergence_weight(logits, divergence)
-            logs.update(flogs)
-            fid = _per_sample(h, fid) * fid
+        fid, flogs = fidelity_term(x_t, t, x0_real, schedule, fake_denoise, cond, discriminator, divergence)
         score = score + fidelity_weight * fid
-        logs.update(_logs(real_fake_gap=_mean_abs(x0_real - x0_fake)))
-    keep = t <= condition_t_max
-    if condition_mask is not None:
-        keep = keep & condition_mask.to(keep.device, torch.bool)
+        logs.update(flogs)
     if exact_condition is not None:
-        consistency_denoise, decode = (lambda v, tt, c: v), None
-        log_likelihood = lambda v: exact_condition(v, t)  # noqa: E731
-    if log_likelihood is not None and condition_weight != 0.0 and bool(keep.any()):
-        # A batch with no sample kept (t above condition_t_max, or control dropped) skips the consistency/decoder pass.
-        g_c, clogs = condition_gradient(x_t, t, consistency_denoise, log_likelihood, cond, decode)
-        w_c = _per_sample(condition_weight * keep.to(g_c.dtype), g_c)
-        alpha, sigma = schedule.alpha_sigma(t, g_c)
-        if condition_weighting == "x0":
-            on_x = on_x + w_c * alpha * g_c
-        else:
-            score = score + (w_c * (alpha / sigma).pow(2) if condition_weighting == "snr" else w_c) * g_c
+        consistency_denoise, decode, log_likelihood = _identity, None, lambda v: exact_condition(v, t)
+    if log_likelihood is not None and condition_weight != 0.0:
+        g_c, clogs = condition_term(x_t, t, schedule, consistency_denoise, log_likelihood, cond, decode, weight=condition_weight,
+                                    t_max=condition_t_max, weighting=condition_weighting, mask=condition_mask)
+        if g_c is not None:
+            on_x, score = (on_x + g_c, score) if condition_weighting == "x0" else (on_x, score + g_c)
         logs.update(clogs)
     if cfg_scale != 1.0:
         # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
-        same = guidance_denoise is real_denoise and guidance_cond is cond
-        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule,
-                                     x0_cond=x0_real if same else None)
+        x0_cond = x0_real if guidance_denoise is real_denoise and guidance_cond is cond else None
+        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule, x0_cond)
         score = score + g_cfg
         logs.update(glogs)
     if reward is not None and reward_weight != 0.0:
-        g_r, rlogs = condition_gradient(x_t, t, consistency_denoise, reward, cond, decode)
+        g_r, rlogs = reward_term(x_t, t, consistency_denoise, reward, cond, decode)
         score = score + reward_weight * g_r
-        logs.update({"reward": rlogs["log_likelihood"], "reward_grad_norm": rlogs["condition_grad_norm"]})
+        logs.update(rlogs)
     g = term_scale(x, x0_real, t, schedule, weighting) * score + on_x
     logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1)))
     return g.detach(), logs

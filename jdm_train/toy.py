@@ -249,23 +249,126 @@ class ToyRun:
     logs: dict[str, float]
 
 
+@dataclass
+class _Auxiliary:
+    """The players the generator learns against: the fake score (with the discriminator head when
+    f != rkl) and the consistency LoRA on it with its EMA target, each with its optimiser."""
+
+    world: ToyWorld
+    fake: FakeScore
+    opt_f: torch.optim.Optimizer
+    use_disc: bool
+    lora: list[nn.Parameter]
+    opt_c: torch.optim.Optimizer | None = None
+    ema: object = None
+    points: Tensor | None = None
+
+    @classmethod
+    def build(cls, world: ToyWorld, lr: float, use_disc: bool, use_lora: bool, lora_rank: int, consistency_ema: float,
+              consistency_points: int) -> "_Auxiliary":
+        fake = FakeScore(world)
+        lora = add_consistency_lora(fake, lora_rank) if use_lora else []
+        lora_ids = {id(p) for p in lora}
+        opt_f = torch.optim.Adam([p for p in fake.parameters() if id(p) not in lora_ids], lr=lr, betas=(0.0, 0.99))
+        aux = cls(world, fake, opt_f, use_disc, lora)
+        if lora:
+            from diffusers.training_utils import EMAModel
+
+            aux.opt_c = torch.optim.Adam(lora, lr=lr, betas=(0.0, 0.99))
+            aux.ema = EMAModel(lora, decay=consistency_ema, foreach=True)
+            aux.points = losses.consistency_timesteps(consistency_points, world.schedule)
+        return aux
+
+    def consistency(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        """The consistency model f: the fake score with the LoRA on."""
+        with lora_enabled(self.fake, True):
+            return self.fake.denoise(x_t, t)
+
+    @torch.no_grad()
+    def consistency_target(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        """f^- of Eq. 8: the consistency model with the EMA of the LoRA."""
+        with averaged(self.ema, self.lora):
+            return self.consistency(x_t, t)
+
+    def update(self, student: Student, x_data: Tensor, c: Tensor, batch: int, gen: torch.Generator) -> dict[str, Tensor]:
+        """One fake-score update (Eq. 6, plus the discriminator's GAN loss when f != rkl), then one
+        consistency-LoRA update (Eq. 8), on fresh student samples."""
+        s = self.world.schedule
+        with torch.no_grad():
+            x = student(torch.randn(batch, 2, generator=gen), c)
+        t = losses.sample_timesteps(batch, 0, 999, generator=gen)
+        loss, flog = losses.fake_score_loss(self.fake.denoise, x, torch.randn(batch, 2, generator=gen), t, s)
+        if self.use_disc:
+            t_d = losses.sample_timesteps(batch, generator=gen)
+            eps_d = torch.randn(batch, 2, generator=gen)
+            with torch.no_grad():  # as in the SD trainer: the head learns, the fake score's features do not
+                real_f = self.fake.features(s.add_noise(x_data, eps_d, t_d), t_d)
+                fake_f = self.fake.features(s.add_noise(x, eps_d, t_d), t_d)
+            d_loss, dlog = losses.discriminator_loss(self.fake.disc_head(real_f).squeeze(1),
+                                                     self.fake.disc_head(fake_f).squeeze(1))
+            loss = loss + d_loss
+            flog.update(dlog)
+        self.opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_f.step()
+        if self.opt_c is not None:
+            flog.update(self._consistency_update(x, batch, gen))
+        return flog
+
+    def _consistency_update(self, x: Tensor, batch: int, gen: torch.Generator) -> dict[str, Tensor]:
+        t_k, t_prev = losses.consistency_pairs(batch, self.points, gen)
+        c_loss, clog = losses.consistency_loss(self.consistency, self.consistency_target, x,
+                                               torch.randn(batch, 2, generator=gen), t_k, t_prev, self.world.schedule)
+        self.opt_c.zero_grad(set_to_none=True)
+        self.opt_f.zero_grad(set_to_none=True)
+        c_loss.backward()
+        self.opt_c.step()
+        self.ema.step(self.lora)
+        return clog
+
+
+def _condition_terms(world: ToyWorld, aux: _Auxiliary, c: Tensor, method: str, condition: str) -> dict:
+    # The condition term of JDM only: estimated through the consistency model, or exact (the referee).
+    if method == "jdm" and condition == "exact":
+        return dict(exact_condition=lambda x_t, t, c=c: world.log_p_c_given_x_t(x_t, t, c))
+    if method == "jdm":
+        return dict(consistency_denoise=aux.consistency, log_likelihood=lambda img, c=c: world.log_p_c_given_x(img, c))
+    return {}
+
+
+def _generator_update(world: ToyWorld, student: Student, opt_g: torch.optim.Optimizer, aux: _Auxiliary, c: Tensor,
+                      batch: int, gen: torch.Generator, cond_terms: dict, **objective) -> dict[str, Tensor]:
+    """One generator step (Eq. 10 through `losses.generator_loss`); `objective`: its weighting keywords."""
+    x = student(torch.randn(batch, 2, generator=gen), c)
+    t = losses.sample_timesteps(batch, generator=gen)
+    g_loss, glog = losses.generator_loss(
+        x, t, torch.randn(batch, 2, generator=gen), world.schedule, world.denoise, aux.fake.denoise,
+        discriminator=aux.fake.discriminator if aux.use_disc else None, **objective, **cond_terms,
+    )
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return glog
+
+
+def _train_dsm(world: ToyWorld, student: Student, opt_g: torch.optim.Optimizer, steps: int, batch: int,
+               gen: torch.Generator) -> ToyRun:
+    logs: dict[str, Tensor] = {}
+    for _ in range(steps):
+        x_data, c = world.sample_joint(batch, gen)
+        loss, logs = losses.dsm_controlnet_loss(student.denoise, x_data, torch.randn(batch, 2, generator=gen),
+                                                world.schedule, c)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+    return ToyRun(student, {k: float(v) for k, v in logs.items()})
+
+
 def train(
-    world: ToyWorld,
-    method: str = "jdm",
-    divergence: str = "rkl",
-    steps: int = 600,
-    batch: int = 256,
-    lr: float = 1e-3,
-    lr_fake: float | None = 2e-3,
-    seed: int = 0,
-    fake_steps: int = 2,
-    consistency_points: int = 40,
-    consistency_ema: float = 0.95,
-    lora_rank: int = 8,
-    condition_weight: float = TOY_CONDITION_WEIGHT,
-    condition: str = "estimate",
-    condition_weighting: str = TOY_CONDITION_WEIGHTING,
-    weighting: str = "dmd",
+    world: ToyWorld, method: str = "jdm", divergence: str = "rkl", steps: int = 600, batch: int = 256, lr: float = 1e-3,
+    lr_fake: float | None = 2e-3, seed: int = 0, fake_steps: int = 2, consistency_points: int = 40,
+    consistency_ema: float = 0.95, lora_rank: int = 8, condition_weight: float = TOY_CONDITION_WEIGHT,
+    condition: str = "estimate", condition_weighting: str = TOY_CONDITION_WEIGHTING, weighting: str = "dmd",
     callback=None,
 ) -> ToyRun:
     """Train a student with `method` in {"jdm", "vsd", "dsm"}. Each step: `fake_steps` times a
@@ -284,87 +387,21 @@ def train(
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    s = world.schedule
     student = Student(world.num_classes)
     opt_g = torch.optim.Adam(student.parameters(), lr=lr, betas=(0.0, 0.99))
-    logs: dict[str, float] = {}
     if method == "dsm":
-        for _ in range(steps):
-            x_data, c = world.sample_joint(batch, gen)
-            loss, logs = losses.dsm_controlnet_loss(student.denoise, x_data, torch.randn(batch, 2, generator=gen), s, c)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-        return ToyRun(student, {k: float(v) for k, v in logs.items()})
-
-    fake = FakeScore(world)
-    use_condition = method == "jdm"
-    lora = add_consistency_lora(fake, lora_rank) if use_condition and condition == "estimate" else []
-    lora_ids = {id(p) for p in lora}
-    lr_fake = lr if lr_fake is None else lr_fake
-    opt_f = torch.optim.Adam([p for p in fake.parameters() if id(p) not in lora_ids], lr=lr_fake, betas=(0.0, 0.99))
-    opt_c = torch.optim.Adam(lora, lr=lr_fake, betas=(0.0, 0.99)) if lora else None
-    use_disc = divergence != "rkl"
-    if lora:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(lora, decay=consistency_ema, foreach=True)
-        points = losses.consistency_timesteps(consistency_points, s)
-
-    def consistency(x_t, t, cond=None):
-        with lora_enabled(fake, True):
-            return fake.denoise(x_t, t)
-
-    @torch.no_grad()
-    def consistency_target(x_t, t, cond=None):
-        with averaged(ema, lora):
-            return consistency(x_t, t)
-
+        return _train_dsm(world, student, opt_g, steps, batch, gen)
+    aux = _Auxiliary.build(world, lr if lr_fake is None else lr_fake, divergence != "rkl",
+                           method == "jdm" and condition == "estimate", lora_rank, consistency_ema, consistency_points)
+    objective = dict(divergence=divergence, weighting=weighting, condition_weight=condition_weight,
+                     condition_weighting=condition_weighting)
+    logs: dict[str, Tensor] = {}
     for step in range(steps):
         x_data, c = world.sample_joint(batch, gen)
         for _ in range(fake_steps):
-            with torch.no_grad():
-                x = student(torch.randn(batch, 2, generator=gen), c)
-            t = losses.sample_timesteps(batch, 0, 999, generator=gen)
-            loss, flog = losses.fake_score_loss(fake.denoise, x, torch.randn(batch, 2, generator=gen), t, s)
-            if use_disc:
-                t_d = losses.sample_timesteps(batch, generator=gen)
-                eps_d = torch.randn(batch, 2, generator=gen)
-                with torch.no_grad():  # as in the SD trainer: the head learns, the fake score's features do not
-                    real_f = fake.features(s.add_noise(x_data, eps_d, t_d), t_d)
-                    fake_f = fake.features(s.add_noise(x, eps_d, t_d), t_d)
-                d_loss, dlog = losses.discriminator_loss(fake.disc_head(real_f).squeeze(1), fake.disc_head(fake_f).squeeze(1))
-                loss = loss + d_loss
-                flog.update(dlog)
-            opt_f.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_f.step()
-            if opt_c is not None:
-                t_k, t_prev = losses.consistency_pairs(batch, points, gen)
-                c_loss, clog = losses.consistency_loss(consistency, consistency_target, x,
-                                                       torch.randn(batch, 2, generator=gen), t_k, t_prev, s)
-                opt_c.zero_grad(set_to_none=True)
-                opt_f.zero_grad(set_to_none=True)
-                c_loss.backward()
-                opt_c.step()
-                ema.step(lora)
-                flog.update(clog)
-        x = student(torch.randn(batch, 2, generator=gen), c)
-        t = losses.sample_timesteps(batch, generator=gen)
-        cond_terms = {}
-        if use_condition and condition == "exact":
-            cond_terms = dict(exact_condition=lambda x_t, t, c=c: world.log_p_c_given_x_t(x_t, t, c))
-        elif use_condition:
-            cond_terms = dict(consistency_denoise=consistency, log_likelihood=lambda img, c=c: world.log_p_c_given_x(img, c))
-        g_loss, glog = losses.generator_loss(
-            x, t, torch.randn(batch, 2, generator=gen), s, world.denoise, fake.denoise,
-            discriminator=fake.discriminator if use_disc else None, divergence=divergence,
-            weighting=weighting, condition_weight=condition_weight, condition_weighting=condition_weighting,
-            **cond_terms,
-        )
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
+            flog = aux.update(student, x_data, c, batch, gen)
+        glog = _generator_update(world, student, opt_g, aux, c, batch, gen, _condition_terms(world, aux, c, method, condition),
+                                 **objective)
         logs = {**flog, **glog}
         if callback is not None:
             callback(step, student, logs)

@@ -119,77 +119,83 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the flag and what was expected; return self."""
-        def bad(flag: str, value: Any, expected: str) -> None:
-            raise ValueError(f"--{flag.replace('_', '-')}: got {value!r}, expected {expected}")
+        self._check_choices_and_counts()
+        self._check_ranges()
+        self._check_combinations()
+        return self
 
+    def _check_choices_and_counts(self) -> None:
         for name, choices in (("control", CONTROLS), ("objective", OBJECTIVES), ("divergence", DIVERGENCES),
                               ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS),
                               ("condition_weighting", CONDITION_WEIGHTINGS), ("save_precision", SAVE_PRECISIONS)):
             if getattr(self, name) not in choices:
-                bad(name, getattr(self, name), "one of " + ", ".join(choices))
+                _bad(name, getattr(self, name), "one of " + ", ".join(choices))
         if not self.ckpt:
-            bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
+            _bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "fake_updates_per_step",
                      "checkpoint_every", "log_every", "max_nonfinite", "validation_teacher_steps"):
             if getattr(self, name) < 1:
-                bad(name, getattr(self, name), "an integer >= 1")
+                _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("student_lora_rank", "fake_lora_rank", "validation_every", "export_every", "threads",
                      "lr_warmup_steps"):
             if getattr(self, name) < 0:
-                bad(name, getattr(self, name), "an integer >= 0 (0 = off / full weights)")
+                _bad(name, getattr(self, name), "an integer >= 0 (0 = off / full weights)")
         if self.consistency_lora_rank < 1:
-            bad("consistency_lora_rank", self.consistency_lora_rank, "an integer >= 1")
+            _bad("consistency_lora_rank", self.consistency_lora_rank, "an integer >= 1")
         if self.resolution % 64:
-            bad("resolution", self.resolution, "a multiple of 64")
+            _bad("resolution", self.resolution, "a multiple of 64")
+
+    def _check_ranges(self) -> None:
         if not 0 <= self.condition_t_max <= 999:
-            bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
+            _bad("condition_t_max", self.condition_t_max, "an integer in [0, 999]")
         if not 0 <= self.ema_decay < 1:
-            bad("ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
+            _bad("ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
         if self.consistency_points < 2:
-            bad("consistency_points", self.consistency_points, "an integer >= 2")
+            _bad("consistency_points", self.consistency_points, "an integer >= 2")
         if not 0 <= self.consistency_ema < 1:
-            bad("consistency_ema", self.consistency_ema, "a number in [0, 1)")
+            _bad("consistency_ema", self.consistency_ema, "a number in [0, 1)")
         if not 0 <= self.control_dropout < 1:
-            bad("control_dropout", self.control_dropout, "a number in [0, 1)")
+            _bad("control_dropout", self.control_dropout, "a number in [0, 1)")
         if not 0 <= self.generator_timestep <= 999:
-            bad("generator_timestep", self.generator_timestep, "an integer in [0, 999]")
+            _bad("generator_timestep", self.generator_timestep, "an integer in [0, 999]")
         if not 0 <= self.t_min < self.t_max <= 999:
-            bad("t_min", (self.t_min, self.t_max), "0 <= --t-min < --t-max <= 999")
+            _bad("t_min", (self.t_min, self.t_max), "0 <= --t-min < --t-max <= 999")
         for name in ("lr_student", "lr_controlnet", "lr_fake", "lr_consistency", "lr_discriminator",
                      "condition_tau"):
             if not getattr(self, name) > 0:
-                bad(name, getattr(self, name), "a positive number")
+                _bad(name, getattr(self, name), "a positive number")
         for name in ("fidelity_weight", "condition_weight", "reward_weight", "gan_weight", "consistency_weight",
                      "weight_decay", "max_grad_norm", "clip_outliers"):
             if getattr(self, name) < 0:
-                bad(name, getattr(self, name), "a number >= 0")
+                _bad(name, getattr(self, name), "a number >= 0")
         for name in ("adam_beta1", "adam_beta1_controlnet", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                bad(name, getattr(self, name), "a number in [0, 1)")
+                _bad(name, getattr(self, name), "a number in [0, 1)")
+
+    def _check_combinations(self) -> None:
         if self.divergence != "rkl" and self.batch_size < 2:
             # The f-divergence weights are normalised by their micro-batch mean (docs/method.md §4):
             # with one sample they are all 1, which is reverse KL whatever --divergence says.
-            bad("batch_size", self.batch_size, f"at least 2 with --divergence {self.divergence} (with one sample "
-                "the batch-normalised f-divergence weight is always 1, i.e. reverse KL)")
+            _bad("batch_size", self.batch_size, f"at least 2 with --divergence {self.divergence} (with one sample "
+                 "the batch-normalised f-divergence weight is always 1, i.e. reverse KL)")
         if self.cfg_scale < 1.0:
-            bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
+            _bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            bad("checkpoints_total_limit", self.checkpoints_total_limit, "an integer >= 1")
+            _bad("checkpoints_total_limit", self.checkpoints_total_limit, "an integer >= 1")
         if self.phase == "extend" and not self.student:
-            bad("student", self.student, "the student UNet to freeze (required with --phase extend)")
+            _bad("student", self.student, "the student UNet to freeze (required with --phase extend)")
         if self.gan_weight > 0 and self.gradient_checkpointing and (self.student_lora_rank or self.fake_lora_rank):
             # One backward would recompute student and fake-score segments of one shared base,
             # each needing its own adapters.
-            bad("gan_weight", self.gan_weight, "0 with --gradient-checkpointing and LoRA ranks > 0")
+            _bad("gan_weight", self.gan_weight, "0 with --gradient-checkpointing and LoRA ranks > 0")
         if self.reward is not None and ":" not in self.reward:
-            bad("reward", self.reward, "MODULE:FUNCTION")
+            _bad("reward", self.reward, "MODULE:FUNCTION")
         pair_prompts(self.validation_prompt or [], self.validation_image or [])
         for image in self.validation_image or []:
             if not Path(image).is_file():
-                bad("validation_image", image, "an image file")
+                _bad("validation_image", image, "an image file")
         if self.report_to not in (None, "tensorboard", "wandb", "all"):
-            bad("report_to", self.report_to, "tensorboard, wandb or all")
-        return self
+            _bad("report_to", self.report_to, "tensorboard, wandb or all")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +207,10 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a mapping; unknown keys are an error (a typo must not be silently ignored)."""
         return cls(**normalize_keys(values, source))
+
+
+def _bad(flag: str, value: Any, expected: str) -> None:
+    raise ValueError(f"--{flag.replace('_', '-')}: got {value!r}, expected {expected}")
 
 
 def pair_prompts(prompts: list[str], images: list[str]) -> list[tuple[str, str | None]]:

@@ -241,24 +241,10 @@ def _adapter_params(unet: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
-def build_roles(base: nn.Module, schedule: NoiseSchedule, *, student_lora_rank: int = 0, fake_lora_rank: int = 0,
-                consistency_lora_rank: int = 16, frozen_student: nn.Module | None = None,
-                controlnet: nn.Module | None = None, discriminator: bool = False, vae_scale_factor: int = 8,
-                gradient_checkpointing: bool = False) -> Roles:
-    """Build teacher, fake score, consistency model and student around the frozen `base` UNet.
-
-    `frozen_student` (extension phase, JDM Sec. 3.2.1): a trained student UNet kept frozen; only a
-    new ControlNet is trained. `controlnet`: start from this ControlNet instead of a fresh one.
-    Rank 0 means full, separate weights for that role.
-    """
-    base.requires_grad_(False)
-    # The ControlNet copies the encoder before any adapter is injected (peft renames the layers).
-    init_unet = frozen_student if frozen_student is not None else base
-    controlnet = controlnet if controlnet is not None else new_controlnet(init_unet, vae_scale_factor)
-    controlnet.requires_grad_(True)
-    groups: dict[str, list[nn.Parameter]] = {"controlnet": list(controlnet.parameters())}
-    modules: dict[str, nn.Module] = {"base": base, "controlnet": controlnet}
-
+def _role_unets(base: nn.Module, modules: dict[str, nn.Module], frozen_student: nn.Module | None, student_lora_rank: int,
+                fake_lora_rank: int, consistency_lora_rank: int):
+    """The UNets of fake score (with the consistency adapter) and student, and the adapters that select
+    each role on them: a LoRA on `base` for rank > 0, else a full copy (added to `modules`)."""
     # Full copies are taken before any adapter is injected into the base.
     fake_unet = base if fake_lora_rank > 0 else copy.deepcopy(base)
     if frozen_student is not None:
@@ -278,8 +264,14 @@ def build_roles(base: nn.Module, schedule: NoiseSchedule, *, student_lora_rank: 
         student_adapters = ("student",)
     elif student_unet is not base:
         modules["student"] = student_unet
+    return fake_unet, student_unet, fake_adapters, student_adapters
 
-    switches = {id(u): AdapterSwitch(u) for u in {id(m): m for m in (base, fake_unet, student_unet)}.values()}
+
+def _trainable_groups(groups: dict[str, list[nn.Parameter]], base: nn.Module, fake_unet: nn.Module,
+                      student_unet: nn.Module, frozen_student: nn.Module | None, student_lora_rank: int,
+                      fake_lora_rank: int) -> None:
+    """Add the fake score's, consistency LoRA's and student's trained parameters to `groups` and make
+    every group trainable."""
     if fake_lora_rank > 0:
         groups["fake"] = _adapter_params(base, "fake")
     else:
@@ -292,6 +284,30 @@ def build_roles(base: nn.Module, schedule: NoiseSchedule, *, student_lora_rank: 
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
+
+
+def build_roles(base: nn.Module, schedule: NoiseSchedule, *, student_lora_rank: int = 0, fake_lora_rank: int = 0,
+                consistency_lora_rank: int = 16, frozen_student: nn.Module | None = None,
+                controlnet: nn.Module | None = None, discriminator: bool = False, vae_scale_factor: int = 8,
+                gradient_checkpointing: bool = False) -> Roles:
+    """Build teacher, fake score, consistency model and student around the frozen `base` UNet.
+
+    `frozen_student` (extension phase, JDM Sec. 3.2.1): a trained student UNet kept frozen; only a
+    new ControlNet is trained. `controlnet`: start from this ControlNet instead of a fresh one.
+    Rank 0 means full, separate weights for that role.
+    """
+    base.requires_grad_(False)
+    # The ControlNet copies the encoder before any adapter is injected (peft renames the layers).
+    init_unet = frozen_student if frozen_student is not None else base
+    controlnet = controlnet if controlnet is not None else new_controlnet(init_unet, vae_scale_factor)
+    controlnet.requires_grad_(True)
+    groups: dict[str, list[nn.Parameter]] = {"controlnet": list(controlnet.parameters())}
+    modules: dict[str, nn.Module] = {"base": base, "controlnet": controlnet}
+    fake_unet, student_unet, fake_adapters, student_adapters = _role_unets(
+        base, modules, frozen_student, student_lora_rank, fake_lora_rank, consistency_lora_rank)
+
+    switches = {id(u): AdapterSwitch(u) for u in {id(m): m for m in (base, fake_unet, student_unet)}.values()}
+    _trainable_groups(groups, base, fake_unet, student_unet, frozen_student, student_lora_rank, fake_lora_rank)
     for unet_id, switch in switches.items():
         switch.trainable = [p for ps in groups.values() for p in ps]
         switch.activate(None)

@@ -336,13 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    logf = open(work / "log.txt", "a")
+def _logger(path: Path):
+    """`log(msg)`: a timestamped line on stdout and appended to `path`."""
+    logf = open(path, "a")
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -350,14 +346,12 @@ def main(argv=None) -> int:
         logf.write(line + "\n")
         logf.flush()
 
-    t_start = time.time()
-    log(f"args {vars(args)}")
-    tokenizer = clip_tokenizer()
-    unet, vae, text_encoder = build_models()
-    log(f"parameters: unet {_count(unet)}, vae {_count(vae)}, text encoder {_count(text_encoder)}")
-    images = cached_images(work, args.n_train)
-    log(f"{images.shape[0]} images ready ({time.time() - t_start:.0f}s)")
+    return log
 
+
+def _vae_stage(args: argparse.Namespace, vae, images: Tensor, log) -> None:
+    """Stage 1: train the VAE and fold its latent scale (or load the cached result), then freeze it."""
+    work = args.work
     vae_path, vae_state_path = work / "vae.pt", work / "vae_state.pt"
     if vae_path.exists():
         vae.load_state_dict(torch.load(vae_path, weights_only=True))
@@ -379,6 +373,10 @@ def main(argv=None) -> int:
         log(f"vae reconstruction L1 on {args.eval_n} held-out images: {(rec - held_images).abs().mean().item():.4f} "
             f"(in [0,1] units); caption scores {judge.caption_scores(rec, held_captions)}")
 
+
+def _unet_stage(args: argparse.Namespace, unet, vae, text_encoder, tokenizer, images: Tensor, log):
+    """Stage 2: encode (or load) the latents, then train UNet and text encoder on them; returns their EMAs."""
+    work = args.work
     lat_path = work / "latents.pt"
     if lat_path.exists():
         lat_mean, lat_std = torch.load(lat_path, weights_only=True)
@@ -392,15 +390,15 @@ def main(argv=None) -> int:
     empty_ids = model_io.tokenize(tokenizer, [""])[0]
     state_path = work / "unet_state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.exists() else None
+    return train_unet(unet, text_encoder, ids, empty_ids, lat_mean, lat_std, args.unet_steps, args.unet_batch,
+                      args.unet_lr, args.seed, log, state=state, checkpoint=lambda s: _save_atomic(s, state_path))
 
-    ema_unet, ema_text = train_unet(unet, text_encoder, ids, empty_ids, lat_mean, lat_std, args.unet_steps,
-                                    args.unet_batch, args.unet_lr, args.seed, log, state=state,
-                                    checkpoint=lambda s: _save_atomic(s, state_path))
-    train_seconds = time.time() - t_start
-    log(f"training done in {train_seconds:.0f}s")
 
+def _write_teacher(args: argparse.Namespace, argv, unet, vae, text_encoder, tokenizer, train_seconds: float, log) -> None:
+    """The held-out sample grid, the fp16 single-file checkpoint and (with --eval-n) its quality."""
+    work = args.work
     held = [data.caption(data.HELDOUT_START + i) for i in range(args.grid_n)]
-    grid = sample_images(ema_unet, vae, ema_text, tokenizer, held, steps=args.grid_steps, cfg=args.cfg)
+    grid = sample_images(unet, vae, text_encoder, tokenizer, held, steps=args.grid_steps, cfg=args.cfg)
     save_image_grid(work / "samples_heldout_captions.png", grid, ncol=8, gap=2, scale=2)
     (work / "samples_heldout_captions.txt").write_text("\n".join(held) + "\n")
 
@@ -414,10 +412,32 @@ def main(argv=None) -> int:
         "jdm.cfg": f"{args.cfg:g}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    model_io.save_sd1_checkpoint(args.out, ema_unet.half(), vae.half(), ema_text.half(), metadata)
+    model_io.save_sd1_checkpoint(args.out, unet.half(), vae.half(), text_encoder.half(), metadata)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     if args.eval_n > 0:
         evaluate_teacher(args.out, work / "quality.json", args.eval_n, args.grid_steps, args.eval_cfgs, log)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = _logger(args.work / "log.txt")
+
+    t_start = time.time()
+    log(f"args {vars(args)}")
+    tokenizer = clip_tokenizer()
+    unet, vae, text_encoder = build_models()
+    log(f"parameters: unet {_count(unet)}, vae {_count(vae)}, text encoder {_count(text_encoder)}")
+    images = cached_images(args.work, args.n_train)
+    log(f"{images.shape[0]} images ready ({time.time() - t_start:.0f}s)")
+
+    _vae_stage(args, vae, images, log)
+    ema_unet, ema_text = _unet_stage(args, unet, vae, text_encoder, tokenizer, images, log)
+    train_seconds = time.time() - t_start
+    log(f"training done in {train_seconds:.0f}s")
+    _write_teacher(args, argv, ema_unet, vae, ema_text, tokenizer, train_seconds, log)
     return 0
 
 

@@ -19,6 +19,7 @@ from jdm_train.config import TrainConfig
 from jdm_train.data import CaptionedImageFolder
 from jdm_train.denoisers import Roles, UNetDenoiser, build_roles
 from jdm_train.schedule import NoiseSchedule
+from jdm_train.synthesis import is_prompt_list, read_prompts
 
 
 @dataclass
@@ -46,6 +47,8 @@ def resolve_teacher(config: TrainConfig) -> Path:
 
 
 def load_dataset(config: TrainConfig):
+    """The training images: the demo set or a captioned folder (a prompt list is drawn by the
+    teacher first: `synthesis.py`, called by the Trainer once the models are built)."""
     if config.data == "demo":
         from jdm_train.demo.data import ShapesDataset
 
@@ -151,6 +154,8 @@ def preflight(config: TrainConfig, output_dir: Path) -> Path | None:
 
     for folder in sorted({output_dir, *(p.parent for p in export_paths(config, output_dir).values())}):
         _check_writable(folder)
+    if is_prompt_list(config.data):
+        read_prompts(config.data)
     extractor = make_extractor(config)
     for locate in ("weights_path", "model_path"):  # HED / depth: raise MissingWeightsError naming where to put them
         if hasattr(extractor, locate):

@@ -29,7 +29,9 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                         "for the shipped demo teacher (which also sets demo-sized defaults: jdm_train.demo.TRAIN_DEFAULTS)."),
     ("control", str, CONTROLS, "Condition the ControlNet learns to obey."),
     ("data", str, None, "Folder of training images with captions (a .txt beside each image, or a diffusers "
-                        "imagefolder metadata.jsonl with file_name/text). Defaults to the procedural demo set "
+                        "imagefolder metadata.jsonl with file_name/text), or a prompts .txt file (one caption per "
+                        "line) from which the teacher draws the images first (--synthesis-steps, --synthesis-cfg; "
+                        "cached in <output-dir>/synthesised, resumable). Defaults to the procedural demo set "
                         "with --ckpt demo."),
     ("comfyui_root", str, None, "ComfyUI folder: models are resolved in and exported to its models/ folders."),
     ("output", str, None, "Export name: models/unet/<output>.safetensors and "
@@ -108,6 +110,8 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("checkpoint_every", int, None, "Write checkpoint-N/ every this many steps."),
     ("checkpoints_total_limit", int, None, "Keep only the newest this many checkpoints."),
     ("resume", str, None, "'latest' or a checkpoint-N folder to continue from."),
+    ("synthesis_steps", int, None, "DDIM steps of the teacher drawing a prompt list's training images."),
+    ("synthesis_cfg", float, None, "Classifier-free guidance of the teacher drawing a prompt list's training images."),
     ("validation_every", int, None, "Write validation-N.png (condition | student one step | teacher multi-step) "
                                     "every this many steps, and log it to the tracker (0 = only at the end)."),
     ("validation_prompt", "append", None, "A caption of the validation grid (repeatable). Without it the grid "

@@ -80,6 +80,9 @@ class TrainConfig:
     consistency_points: int = 10
     consistency_ema: float = 0.95
     fake_updates_per_step: int = 1
+    # --data prompts.txt: the teacher draws the training images
+    synthesis_steps: int = 25
+    synthesis_cfg: float = 7.5
     # models' parametrisation
     student_lora_rank: int = 0
     fake_lora_rank: int = 0
@@ -133,7 +136,8 @@ class TrainConfig:
         if not self.ckpt:
             _bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "fake_updates_per_step",
-                     "checkpoint_every", "log_every", "max_nonfinite", "validation_teacher_steps"):
+                     "checkpoint_every", "log_every", "max_nonfinite", "validation_teacher_steps",
+                     "synthesis_steps"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("student_lora_rank", "fake_lora_rank", "validation_every", "export_every", "threads",
@@ -178,6 +182,8 @@ class TrainConfig:
             # with one sample they are all 1, which is reverse KL whatever --divergence says.
             _bad("batch_size", self.batch_size, f"at least 2 with --divergence {self.divergence} (with one sample "
                  "the batch-normalised f-divergence weight is always 1, i.e. reverse KL)")
+        if self.synthesis_cfg < 1.0:
+            _bad("synthesis_cfg", self.synthesis_cfg, "a number >= 1 (1 = no guidance)")
         if self.cfg_scale < 1.0:
             _bad("cfg_scale", self.cfg_scale, "a number >= 1 (1 = no guidance)")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

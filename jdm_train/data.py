@@ -77,7 +77,7 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.resolution = int(resolution)
         if not self.root.is_dir():
-            raise ValueError(f"--data: {str(self.root)!r} is not a folder of images")
+            raise ValueError(f"--data: {str(self.root)!r} is not a folder of images (nor a .txt prompt list)")
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"--data: no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(self.root)!r}")

@@ -26,11 +26,12 @@ from jdm_train.build import Models, build_models, load_dataset, preflight
 from jdm_train.checkpoint import (RunState, checkpoint_bytes, checkpoints, load_checkpoint, remove_partial, save_checkpoint,
                                   weights_digest)
 from jdm_train.config import TrainConfig
-from jdm_train.data import BatchOrder
+from jdm_train.data import BatchOrder, CaptionedImageFolder
 from jdm_train.denoisers import Cond, averaged
 from jdm_train.export import clean_export_leftovers, default_output_dir, write_exports, write_preview_grid
 from jdm_train.players import Phase, Players, RandomStreams, phases
 from jdm_train.schedule import NoiseSchedule
+from jdm_train.synthesis import is_prompt_list, read_prompts, synthesise
 from jdm_train.validation import validation_columns, validation_set
 
 log = logging.getLogger("jdm_train")
@@ -54,8 +55,11 @@ class Trainer:
         self.nonfinite_run, self.stop_requested = 0, False
         # Everything that can refuse the run does so before minutes of model loading, as one line.
         self.resume_from = preflight(config, self.output_dir)
-        self.dataset = dataset if dataset is not None else load_dataset(config)
+        drawn = dataset is None and is_prompt_list(config.data)
+        self.dataset = dataset if dataset is not None or drawn else load_dataset(config)
         self.models = models or build_models(config, self.device, _autocast_dtype(acc), self.schedule)
+        if drawn:
+            self.dataset = self._draw_dataset()
         self.roles, self.codec, self.extractor = self.models.roles, self.models.codec, self.models.extractor
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index, acc.num_processes)
         self.streams = RandomStreams(config.seed, acc.process_index, self.device)
@@ -78,6 +82,20 @@ class Trainer:
             raise model_io.no_space_error(self.output_dir, checkpoint_bytes(self))
         log.info("process %d/%d on %s; %d training images", acc.process_index, acc.num_processes, self.device,
                  len(self.dataset))
+
+    def _draw_dataset(self) -> CaptionedImageFolder:
+        """`--data prompts.txt`: the teacher draws the training images (`synthesis.py`), every
+        process a share, into `<output-dir>/synthesised`."""
+        acc, cfg = self.accelerator, self.config
+        folder = self.output_dir / "synthesised"
+        drawn = synthesise(read_prompts(cfg.data), folder, self.models, self.schedule, resolution=cfg.resolution,
+                           steps=cfg.synthesis_steps, cfg=cfg.synthesis_cfg, negative=cfg.negative_prompt, seed=cfg.seed,
+                           share=(acc.process_index, acc.num_processes), autocast=acc.autocast,
+                           show=acc.is_main_process)
+        if drawn:
+            log.info("process %d: the teacher drew %d training images into %s", acc.process_index, len(drawn), folder)
+        acc.wait_for_everyone()
+        return CaptionedImageFolder(folder, cfg.resolution)
 
     @property
     def step(self) -> int:

@@ -25,6 +25,7 @@ TRAIN_DEFAULTS = {
     # The teacher's own guidance strength, as SD1.5's 7.5: its samples only follow captions with
     # guidance (FID 618 vs 815 without, 600 steps).
     "cfg_scale": 4.0,
+    "synthesis_cfg": 4.0,  # the same guidance when it draws a prompt list's images (--data prompts.txt)
     "lr_controlnet": 3e-4,  # a fresh ControlNet needs it to pick up the hint within the budget
     "lr_fake": 1e-4,  # the fake score must track the student (two time-scale rule, as DMD2)
     # The consistency LoRA must move off the fake score within 1000 steps (edge F1 with own map 0.61 vs

@@ -1,0 +1,83 @@
+"""A training set the teacher draws from a list of captions (`--data prompts.txt`).
+
+JDM needs images only to extract conditions from (the condition term compares the student's
+sample with c = extract(image)); the teacher's own multi-step samples are images of the very
+distribution the student matches, so a user with SD1.5 and a prompt list can train a control
+without a dataset. The images go into a captioned folder (`data.CaptionedImageFolder` layout):
+one PNG and one caption file per prompt line, each written atomically and skipped when already
+there, so an interrupted synthesis resumes where it stopped. Item i's noise is a function of
+(seed, i) alone: the same image whatever the batch, the process count or the interruptions."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from jdm_train.denoisers import Cond
+from jdm_train.files import atomic_write, save_image_grid
+from jdm_train.sampling import ddim_reference
+
+
+def is_prompt_list(data: str | None) -> bool:
+    return bool(data) and data.lower().endswith(".txt") and Path(data).is_file()
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The non-empty lines of a prompt list; none is a ValueError naming the file."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--data {path}: not a readable UTF-8 prompt list ({exc})") from None
+    if not prompts:
+        raise ValueError(f"--data {path}: no prompts (expected one caption per line)")
+    return prompts
+
+
+def missing(prompts: list[str], folder: Path) -> list[int]:
+    """Items whose image is absent or whose caption file says something else (an edited list)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        image, caption = folder / f"{i:06d}.png", folder / f"{i:06d}.txt"
+        if not (image.is_file() and caption.is_file() and caption.read_text(encoding="utf-8") == prompt):
+            out.append(i)
+    return out
+
+
+def item_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    key = hashlib.blake2b(repr(("synthesis", seed, index)).encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+    return torch.randn(shape, generator=gen)
+
+
+@torch.no_grad()
+def synthesise(prompts: list[str], folder: Path, models, schedule, *, resolution: int, steps: int, cfg: float,
+               negative: str = "", seed: int = 0, batch: int = 8, share: tuple[int, int] = (0, 1),
+               autocast: Callable = contextlib.nullcontext, show: bool = True) -> list[int]:
+    """Draw the missing items of `prompts` into `folder` with the teacher (DDIM `steps`, CFG `cfg`);
+    this process draws every `share[1]`-th item from `share[0]`. Returns the indices it drew."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = missing(prompts, folder)[share[0]::share[1]]
+    codec, teacher = models.codec, models.roles.teacher
+    device = codec.device
+    for start in tqdm(range(0, len(todo), batch), desc="teacher draws the training set", disable=not show or not todo):
+        chunk = todo[start:start + batch]
+        captions = [prompts[i] for i in chunk]
+        shape = codec.latent_shape(1, resolution)[1:]
+        noise = torch.stack([item_noise(shape, seed, i) for i in chunk]).to(device)
+        cond = Cond(codec.encode_text(captions))
+        uncond = Cond(codec.encode_text([negative] * len(chunk)))
+        with autocast():
+            latents = ddim_reference(teacher, noise, cond, uncond, steps, cfg, schedule).float()
+        images = codec.decode(latents).cpu()
+        for i, caption, image in zip(chunk, captions, images):
+            (folder / f"{i:06d}.png").unlink(missing_ok=True)  # an edited prompt's old image must not count as done
+            with atomic_write(folder / f"{i:06d}.txt") as tmp:
+                tmp.write_text(caption, encoding="utf-8")
+            save_image_grid(folder / f"{i:06d}.png", image[None], ncol=1)  # last: its presence marks the item done
+    return todo

@@ -37,15 +37,6 @@ class Models:
     reward: Callable | None = None
 
 
-def resolve_teacher(config: TrainConfig) -> Path:
-    """`--ckpt demo` is the demo teacher shipped in `jdm_train/demo/assets/`; anything else a checkpoint name."""
-    if config.ckpt == "demo":
-        from jdm_train import demo
-
-        return demo.teacher_path()
-    return model_io.resolve_model(config.ckpt, "checkpoints", config.comfyui_root)
-
-
 def load_dataset(config: TrainConfig):
     """The training images: the demo set or a captioned folder (a prompt list is drawn by the
     teacher first: `synthesis.py`, called by the Trainer once the models are built)."""
@@ -88,7 +79,7 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
     """Teacher checkpoint -> codec and the roles on its UNet; frozen student; guidance teacher;
     condition extractor and reward. Frozen weights are stored in `weight_dtype` (the autocast
     precision: they are never updated), trained ones in fp32."""
-    teacher_path = resolve_teacher(config)
+    teacher_path = model_io.resolve_checkpoint(config.ckpt, config.comfyui_root)
     pipe = model_io.load_sd1_checkpoint(teacher_path, allow_pickle=config.allow_pickle, comfyui_root=config.comfyui_root)
     frozen = dict(device=device, dtype=weight_dtype)
     text_encoder = pipe.text_encoder.to(**frozen).requires_grad_(False).eval()

@@ -408,12 +408,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.n < 2:
         raise ValueError(f"--n must be >= 2 for a covariance, got {args.n}")
-    if args.ckpt == "demo":
-        from jdm_train.demo import teacher_path
-
-        ckpt = teacher_path()
-    else:
-        ckpt = model_io.resolve_model(args.ckpt, "checkpoints")
+    ckpt = model_io.resolve_checkpoint(args.ckpt)
     feature_net = feature_net_from_args(args)
     eval_set = eval_set_from_args(args)
     samplers = Samplers(model_io.load_sd1_checkpoint(ckpt))

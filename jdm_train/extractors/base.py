@@ -20,8 +20,7 @@ class Param:
     """One user parameter of an extractor, in a form a UI can turn into a widget.
 
     `default` fixes the type (bool, int, float or str). Numbers carry `min`, `max`,
-    `step`; strings may carry `choices`. `widget=False` marks options that are not
-    image-processing knobs (weight file names) and that a UI may present differently.
+    `step`; strings may carry `choices`.
     """
 
     name: str
@@ -31,7 +30,6 @@ class Param:
     step: float | None = None
     choices: tuple[str, ...] | None = None
     tooltip: str = ""
-    widget: bool = True
 
     @property
     def kind(self) -> str:

@@ -284,10 +284,9 @@ class Depth(Extractor):
     ANNOTATOR = DEPTH_MODEL
     PARAMS = (
         Param("resolution", 0, 0, 2048, 32, tooltip="model input size; 0 = the model's own (384 for DPT)"),
-        Param("model", DEPTH_FOLDERS[0], tooltip=f"folder name or path of a transformers depth model, or {MIDAS_FILES[0]}",
-              widget=False),
-        Param("comfyui_root", "", tooltip="ComfyUI folder to search models/annotators in", widget=False),
-        Param("chunk", 4, 1, 256, 1, tooltip="images per forward pass in extract (memory bound)", widget=False),
+        Param("model", DEPTH_FOLDERS[0], tooltip=f"folder name or path of a transformers depth model, or {MIDAS_FILES[0]}"),
+        Param("comfyui_root", "", tooltip="ComfyUI folder to search models/annotators in"),
+        Param("chunk", 4, 1, 256, 1, tooltip="images per forward pass in extract (memory bound)"),
     )
 
     def model_path(self) -> Path:

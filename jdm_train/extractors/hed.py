@@ -121,9 +121,9 @@ class HED(Extractor):
     ANNOTATOR = HED_WEIGHTS
     PARAMS = (
         Param("safe", False, tooltip="quantise the edge map as ControlNet's 'safe' HED (exact face only)"),
-        Param("weights", HED_FILES[0], tooltip="file name or path of ControlNetHED.pth / .safetensors", widget=False),
-        Param("comfyui_root", "", tooltip="ComfyUI folder to search models/annotators in", widget=False),
-        Param("chunk", 4, 1, 256, 1, tooltip="images per forward pass in extract (memory bound)", widget=False),
+        Param("weights", HED_FILES[0], tooltip="file name or path of ControlNetHED.pth / .safetensors"),
+        Param("comfyui_root", "", tooltip="ComfyUI folder to search models/annotators in"),
+        Param("chunk", 4, 1, 256, 1, tooltip="images per forward pass in extract (memory bound)"),
     )
 
     def weights_path(self):

@@ -66,6 +66,8 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
 
 def remove_partial(output_dir: Path) -> None:
     """Hidden temporary checkpoint folders left by a kill -9 mid-save."""
+    if not output_dir.is_dir():
+        return
     for stale in output_dir.glob(f".{PREFIX}*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 

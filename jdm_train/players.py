@@ -83,6 +83,25 @@ class Players:
             self.consistency_ema = EMAModel(self.roles.groups["consistency"], decay=config.consistency_ema, foreach=True)
             self.consistency_timesteps = losses.consistency_timesteps(config.consistency_points, schedule).to(self.device)
 
+    def batch(self, items: list[dict], step: int, micro: int) -> dict:
+        """A micro-batch of dataset items on the device, with conditions extracted from the images
+        and, with `--control-dropout`, the dropped samples' hints blanked."""
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        captions = [it["caption"] for it in items]
+        with torch.no_grad():
+            control = self.models.extractor.extract(images)
+        batch = {"images": images, "captions": captions, "control": control, "micro": micro, "step": step}
+        hint = control
+        if self.config.control_dropout > 0:
+            # Dropped samples see a blank hint and get no condition term: the student learns the
+            # teacher's distribution for a blank control instead of extrapolating to it.
+            gen = self.streams.generator(step, "control_dropout", micro)
+            kept = torch.rand(len(items), generator=gen, device=self.device) >= self.config.control_dropout
+            hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
+            batch["condition_mask"] = kept
+        batch["cond"] = Cond(self.codec.encode_text(captions), hint)
+        return batch
+
     # ------------------------------------------------------------------ randomness and samples
 
     def randn(self, batch: dict, shape, purpose: str, repeat: int = 0) -> Tensor:

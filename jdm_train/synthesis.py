@@ -81,3 +81,17 @@ def synthesise(prompts: list[str], folder: Path, models, schedule, *, resolution
                 tmp.write_text(caption, encoding="utf-8")
             save_image_grid(folder / f"{i:06d}.png", image[None], ncol=1)  # last: its presence marks the item done
     return todo
+
+
+def draw_training_set(config, models, schedule, folder: Path, share: tuple[int, int] = (0, 1),
+                      autocast: Callable = contextlib.nullcontext, show: bool = True) -> Path:
+    """`--data prompts.txt` with the run's `--synthesis-steps`, `--synthesis-cfg`, negative prompt and seed."""
+    import logging
+
+    drawn = synthesise(read_prompts(config.data), folder, models, schedule, resolution=config.resolution,
+                       steps=config.synthesis_steps, cfg=config.synthesis_cfg, negative=config.negative_prompt,
+                       seed=config.seed, share=share, autocast=autocast, show=show)
+    if drawn:
+        logging.getLogger("jdm_train").info("process %d: the teacher drew %d training images into %s", share[0],
+                                            len(drawn), folder)
+    return folder

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,12 +26,13 @@ from jdm_train.checkpoint import (RunState, checkpoint_bytes, checkpoints, load_
                                   weights_digest)
 from jdm_train.config import TrainConfig
 from jdm_train.data import BatchOrder, CaptionedImageFolder
-from jdm_train.denoisers import Cond, averaged
-from jdm_train.export import clean_export_leftovers, default_output_dir, write_exports, write_preview_grid
+from jdm_train.denoisers import averaged
+from jdm_train.export import clean_export_leftovers, default_output_dir, write_exports
 from jdm_train.players import Phase, Players, RandomStreams, phases
 from jdm_train.schedule import NoiseSchedule
-from jdm_train.synthesis import is_prompt_list, read_prompts, synthesise
-from jdm_train.validation import validation_columns, validation_set
+from jdm_train.stop import StopSignals
+from jdm_train.synthesis import draw_training_set, is_prompt_list
+from jdm_train.validation import validation_columns, validation_set, write_validation
 
 log = logging.getLogger("jdm_train")
 _SHOWN = ("generator_loss", "fake_score_loss", "consistency_loss", "disc_loss", "dsm_loss", "controlnet_loss")
@@ -52,7 +52,7 @@ class Trainer:
         self.output_dir = default_output_dir(config)
         self.accelerator = acc = accelerator or _accelerator(config, self.output_dir)
         self.device, self.schedule, self.state = acc.device, NoiseSchedule(), RunState()
-        self.nonfinite_run, self.stop_requested = 0, False
+        self.nonfinite_run, self.signals = 0, StopSignals()
         # Everything that can refuse the run does so before minutes of model loading, as one line.
         self.resume_from = preflight(config, self.output_dir)
         drawn = dataset is None and is_prompt_list(config.data)
@@ -84,18 +84,12 @@ class Trainer:
                  len(self.dataset))
 
     def _draw_dataset(self) -> CaptionedImageFolder:
-        """`--data prompts.txt`: the teacher draws the training images (`synthesis.py`), every
-        process a share, into `<output-dir>/synthesised`."""
-        acc, cfg = self.accelerator, self.config
-        folder = self.output_dir / "synthesised"
-        drawn = synthesise(read_prompts(cfg.data), folder, self.models, self.schedule, resolution=cfg.resolution,
-                           steps=cfg.synthesis_steps, cfg=cfg.synthesis_cfg, negative=cfg.negative_prompt, seed=cfg.seed,
-                           share=(acc.process_index, acc.num_processes), autocast=acc.autocast,
-                           show=acc.is_main_process)
-        if drawn:
-            log.info("process %d: the teacher drew %d training images into %s", acc.process_index, len(drawn), folder)
+        """`--data prompts.txt`: the teacher draws the training images, every process a share."""
+        acc = self.accelerator
+        folder = draw_training_set(self.config, self.models, self.schedule, self.output_dir / "synthesised",
+                                   (acc.process_index, acc.num_processes), acc.autocast, acc.is_main_process)
         acc.wait_for_everyone()
-        return CaptionedImageFolder(folder, cfg.resolution)
+        return CaptionedImageFolder(folder, self.config.resolution)
 
     @property
     def step(self) -> int:
@@ -104,10 +98,6 @@ class Trainer:
     @step.setter
     def step(self, value: int) -> None:
         self.state.step = value
-
-    @property
-    def nonfinite_total(self) -> int:
-        return self.state.nonfinite_total
 
     def generator_params(self) -> list:
         """The generator's trained parameters (student UNet or its LoRA, and the ControlNet)."""
@@ -139,24 +129,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def load_batch(self, micro: int) -> dict:
-        """Micro-batch `micro` of the current step, on the device, with conditions extracted from the data."""
-        cfg = self.config
-        items = [self.dataset[i] for i in self.order.indices(self.step * cfg.gradient_accumulation_steps + micro)]
-        images = torch.stack([it["image"] for it in items]).to(self.device)
-        captions = [it["caption"] for it in items]
-        with torch.no_grad():
-            control = self.extractor.extract(images)
-        batch = {"images": images, "captions": captions, "control": control, "micro": micro, "step": self.step}
-        hint = control
-        if cfg.control_dropout > 0:
-            # Dropped samples see a blank hint and get no condition term: the student learns the
-            # teacher's distribution for a blank control instead of extrapolating to it.
-            gen = self.streams.generator(self.step, "control_dropout", micro)
-            kept = torch.rand(len(items), generator=gen, device=self.device) >= cfg.control_dropout
-            hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
-            batch["condition_mask"] = kept
-        batch["cond"] = Cond(self.codec.encode_text(captions), hint)
-        return batch
+        """Micro-batch `micro` of the current step (`Players.batch`)."""
+        index = self.step * self.config.gradient_accumulation_steps + micro
+        return self.players.batch([self.dataset[i] for i in self.order.indices(index)], self.step, micro)
 
     def train_step(self) -> dict:
         """Every phase once (the fake one `--fake-updates-per-step` times). A non-finite loss skips
@@ -212,14 +187,14 @@ class Trainer:
         self.state.nonfinite_total += 1
         self.nonfinite_run += 1
         log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", self.step + 1,
-                    self.nonfinite_run, self.nonfinite_total)
+                    self.nonfinite_run, self.state.nonfinite_total)
         if self.nonfinite_run >= self.config.max_nonfinite:
             found = checkpoints(self.output_dir) if self.output_dir.is_dir() else []
             kept = (f"the last good checkpoint is {found[-1][1]} (resume with --resume latest, e.g. with lower "
                     "learning rates)") if found else "no checkpoint was written before the streak"
             raise NonFiniteLossError(f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; "
                                      f"stopping; {kept}")
-        return {"nonfinite_skipped": float(self.nonfinite_total)}
+        return {"nonfinite_skipped": float(self.state.nonfinite_total)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -234,19 +209,18 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.config
         if acc.is_main_process:
-            if self.output_dir.is_dir():
-                remove_partial(self.output_dir)
+            remove_partial(self.output_dir)
             for removed in clean_export_leftovers(cfg, self.output_dir):
                 log.info("removed %s, left by an interrupted export", removed)
         if self.resume_from is not None:
             self.resume(self.resume_from)
         if cfg.report_to and acc.is_main_process:
             acc.init_trackers("jdm", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))})
-        previous = self._catch_signals()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="jdm")
         status = 0
         try:
-            status = self._loop(bar)
+            with self.signals:
+                status = self._loop(bar)
             if self.step >= cfg.max_steps:
                 # Every finished run leaves a picture of what it learnt, not only weights.
                 if not (cfg.validation_every and self.step % cfg.validation_every == 0):
@@ -262,8 +236,6 @@ class Trainer:
             status = 4
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if cfg.report_to:
                 acc.end_training()
         return status
@@ -295,21 +267,14 @@ class Trainer:
 
     def validate(self) -> Path | None:
         """`validation-N.png` (and the tracker's image log) with the generator's EMA weights."""
-        acc = self.accelerator
-        path = None
+        acc, path = self.accelerator, None
         if acc.is_main_process:
             if not hasattr(self, "_validation"):
                 self._validation = validation_set(self.config, self.dataset, self.extractor)
             with self.ema_weights():
                 columns = validation_columns(self.models, self.schedule, self.config, self._validation, acc.autocast)
-            path = write_preview_grid(self.output_dir / f"validation-{self.step:06d}.png", columns)
-            if self.config.report_to in ("tensorboard", "all"):
-                import numpy as np
-                from PIL import Image
-
-                grid = np.asarray(Image.open(path).convert("RGB"))
-                acc.get_tracker("tensorboard", unwrap=False).log_images({"validation": grid[None]}, step=self.step,
-                                                                        dataformats="NHWC")
+            tracker = acc.get_tracker("tensorboard", unwrap=False) if self.config.report_to in ("tensorboard", "all") else None
+            path = write_validation(self.output_dir / f"validation-{self.step:06d}.png", columns, tracker, self.step)
         acc.wait_for_everyone()
         return path
 
@@ -325,23 +290,8 @@ class Trainer:
         acc.wait_for_everyone()
         return written
 
-    def _catch_signals(self) -> dict:
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, self._request_stop)
-            except ValueError:  # not the main thread: no graceful stop, the run still works
-                pass
-        return previous
-
-    def _request_stop(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        log.warning("signal %d: finishing the current step, then checkpointing", signum)
-
     def _stop_everywhere(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.signals.requested else 0.0], device=self.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) > 0
 
 

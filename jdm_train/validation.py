@@ -68,3 +68,17 @@ def validation_columns(models, schedule, config: TrainConfig, vset: ValidationSe
         teacher = ddim_reference(roles.teacher, noise, cond, uncond, config.validation_teacher_steps,
                                  max(config.cfg_scale, 1.0), schedule).float()
     return [control.float().cpu(), codec.decode(student).cpu(), codec.decode(teacher).cpu()]
+
+
+def write_validation(path: Path, columns: list[Tensor], tracker=None, step: int = 0) -> Path:
+    """The grid as a PNG (`export.write_preview_grid`) and, given a tensorboard tracker, as its image log."""
+    from jdm_train.export import write_preview_grid
+
+    write_preview_grid(path, columns)
+    if tracker is not None:
+        import numpy as np
+        from PIL import Image
+
+        grid = np.asarray(Image.open(path).convert("RGB"))
+        tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
+    return path

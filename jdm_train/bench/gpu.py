@@ -288,7 +288,7 @@ def bench_mode(mode: str, ckpt: Path, taesd: Path, work: Path, device: torch.dev
         out["tried"], out["stop"] = search_batches(lambda b: measure_batch(trainer, b, args.warmup, args.steps), cap,
                                                    args.max_batch, deadline, lambda: _release(device))
         # Timings of steps skipped for a non-finite loss leave out the fake-score update: counted, shown.
-        out["nonfinite_steps"] = trainer.nonfinite_total
+        out["nonfinite_steps"] = trainer.state.nonfinite_total
         del trainer
     _release(device)
     out["largest"] = largest_fitting(out["tried"], cap)

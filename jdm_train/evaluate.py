@@ -281,9 +281,9 @@ class Samplers:
 CONTROL_MODES = ("given", "blank", "shuffled")
 
 
-def run_generator(generate: ImageSampler, eval_set: EvalSet, noise: Tensor, batch: int = 32,
+def run_sampler(sample: ImageSampler, eval_set: EvalSet, noise: Tensor, batch: int = 32,
                   control_mode: str = "given") -> tuple[Tensor, float]:
-    """All images of `eval_set` through `generate` in batches; returns (images, seconds per image).
+    """All images of `eval_set` through `sample` in batches; returns (images, seconds per image).
 
     control_mode: "given" feeds each image its own condition; "blank" feeds zeros; "shuffled" feeds
     the next held-out image's condition (scored against the image's own, it shows whether the
@@ -299,7 +299,7 @@ def run_generator(generate: ImageSampler, eval_set: EvalSet, noise: Tensor, batc
         control = source[i : i + batch]
         if control_mode == "blank":
             control = torch.zeros_like(control)
-        outs.append(generate(eval_set.captions[i : i + batch], control, noise[i : i + batch]))
+        outs.append(sample(eval_set.captions[i : i + batch], control, noise[i : i + batch]))
     seconds = (time.perf_counter() - t0) / len(eval_set.captions)
     return torch.cat(outs), seconds
 
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     noise = samplers.noise(n, eval_set.images.shape[-1], args.seed)
 
     rows: dict[str, dict] = {}
-    ref, sec = run_generator(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise, args.batch)
+    ref, sec = run_sampler(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise, args.batch)
     ref_features = feature_net.features(ref)
     rows[f"teacher ({args.teacher_steps}-step DDIM, no control)"] = score(ref, eval_set, ref_features, feature_net,
                                                                          args.teacher_steps, sec)
@@ -429,11 +429,11 @@ def main(argv=None) -> int:
         meta = model_io.read_metadata(args.student) if args.student is not None else {}
         t_g = args.timestep if args.timestep is not None else int(meta.get("jdm.timestep", 999))
         gen = samplers.student(unet, controlnet, t_g)
-        imgs, sec = run_generator(gen, eval_set, noise, args.batch)
+        imgs, sec = run_sampler(gen, eval_set, noise, args.batch)
         rows["student (1 step, control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
         for mode in ("blank", "shuffled"):
             if getattr(args, f"{mode}_control"):
-                imgs, sec = run_generator(gen, eval_set, noise, args.batch, control_mode=mode)
+                imgs, sec = run_sampler(gen, eval_set, noise, args.batch, control_mode=mode)
                 rows[f"student (1 step, {mode} control)"] = score(imgs, eval_set, ref_features, feature_net, 1, sec)
 
     print(format_table(rows))

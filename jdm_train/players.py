@@ -26,7 +26,7 @@ Loss = Callable[[dict, int], "tuple[Tensor, dict]"]
 
 
 class RandomStreams:
-    """Every random draw of a run from its own generator, a pure function of (seed, step,
+    """Every random draw of a run from its own torch.Generator, a pure function of (seed, step,
     micro-batch, repeat, process, purpose), so a resumed run repeats an uninterrupted one. The
     key is a hash of the whole tuple: no two draws can share a stream."""
 

@@ -141,7 +141,7 @@ def test_train_teacher_reproduces_the_shipped_quality(tmp_path):
     res = {}
     for name, path in (("shipped", TEACHER_PATH), ("retrained", out)):
         s = evaluate.Samplers(model_io.load_sd1_checkpoint(path))
-        imgs, _ = evaluate.run_generator(s.teacher(25, 4.0), eval_set, s.noise(128, 64, 0))
+        imgs, _ = evaluate.run_sampler(s.teacher(25, 4.0), eval_set, s.noise(128, 64, 0))
         res[name] = (evaluate.fid(net.features(imgs), data_feats), net.agreement(imgs, eval_set.captions)["all"])
     print(f"teacher reproduction (FID to held-out data, caption agreement): {res}")  # shown with -s / -rP
     assert res["retrained"][0] <= 1.25 * res["shipped"][0] + 2.0, res

@@ -125,19 +125,19 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert rows["teacher (2-step DDIM, no control)"]["fid"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_run_generator_control_modes():
+def test_run_sampler_control_modes():
     """given / blank / shuffled reach the generator as the image's own, zero, and the next image's condition."""
     control = torch.rand(5, 3, 8, 8)
     eval_set = evaluate.EvalSet([f"c{i}" for i in range(5)], torch.rand(5, 3, 8, 8), control, "canny")
     echo = lambda captions, c, noise: c  # noqa: E731
     noise = torch.zeros(5, 4, 1, 1)
-    given, _ = evaluate.run_generator(echo, eval_set, noise, batch=2)
-    blank, _ = evaluate.run_generator(echo, eval_set, noise, batch=2, control_mode="blank")
-    shuffled, _ = evaluate.run_generator(echo, eval_set, noise, batch=2, control_mode="shuffled")
+    given, _ = evaluate.run_sampler(echo, eval_set, noise, batch=2)
+    blank, _ = evaluate.run_sampler(echo, eval_set, noise, batch=2, control_mode="blank")
+    shuffled, _ = evaluate.run_sampler(echo, eval_set, noise, batch=2, control_mode="shuffled")
     assert torch.equal(given, control) and torch.equal(blank, torch.zeros_like(control))
     assert torch.equal(shuffled[:4], control[1:]) and torch.equal(shuffled[4], control[0])
     with pytest.raises(ValueError, match="control_mode"):
-        evaluate.run_generator(echo, eval_set, noise, control_mode="zeros")
+        evaluate.run_sampler(echo, eval_set, noise, control_mode="zeros")
 
 
 def test_edge_f1_tolerates_one_pixel():

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     noise = samplers.noise(args.n, eval_set.images.shape[-1], args.seed)
 
     rows: dict[str, dict] = {}
-    ref, sec = evaluate.run_generator(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise)
+    ref, sec = evaluate.run_sampler(samplers.teacher(args.teacher_steps, args.cfg), eval_set, noise)
     ref_features = feature_net.features(ref)
     name = f"teacher, {args.teacher_steps}-step DDIM, no control"
     rows[name] = evaluate.score(ref, eval_set, ref_features, feature_net, args.teacher_steps, sec)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         else:
             gen = samplers.student(model_io.load_unet(student), model_io.load_controlnet(controlnet))
             nfe = 1
-        imgs, sec = evaluate.run_generator(gen, eval_set, noise)
+        imgs, sec = evaluate.run_sampler(gen, eval_set, noise)
         rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, nfe, sec), "train_seconds": train_seconds}
         save_row_grid(args.out / f"grid_{_slug(name)}.png", eval_set.control, imgs)
         if TEACHER_CONTROLNET in trained and "implicit VSD" in trained and DI_CONTROLNET not in rows:
@@ -126,12 +126,12 @@ def main(argv=None) -> int:
             # given the ControlNet trained by denoising on the teacher.
             gen = samplers.student(model_io.load_unet(trained["implicit VSD"][0]),
                                    model_io.load_controlnet(trained[TEACHER_CONTROLNET][1]))
-            imgs, sec = evaluate.run_generator(gen, eval_set, noise)
+            imgs, sec = evaluate.run_sampler(gen, eval_set, noise)
             rows[DI_CONTROLNET] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
             save_row_grid(args.out / f"grid_{_slug(DI_CONTROLNET)}.png", eval_set.control, imgs)
         if name == "JDM (reverse KL)":
             for mode, label in (("blank", "control blanked"), ("shuffled", "another image's control")):
-                imgs, sec = evaluate.run_generator(gen, eval_set, noise, control_mode=mode)
+                imgs, sec = evaluate.run_sampler(gen, eval_set, noise, control_mode=mode)
                 rows[f"JDM (reverse KL), {label}"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
         print(evaluate.format_table(rows), flush=True)
 

@@ -36,7 +36,7 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("comfyui_root", str, None, "ComfyUI folder: models are resolved in and exported to its models/ folders."),
     ("output", str, None, "Export name: models/unet/<output>.safetensors and "
                           "models/controlnet/<output>_<control>.safetensors."),
-    ("output_dir", str, None, "Folder for checkpoints, previews and exports (default: <root>/models/jdm_runs/"
+    ("output_dir", str, None, "Folder for checkpoints, validation grids and exports (default: <root>/models/jdm_runs/"
                               "<output> with a ComfyUI root, else ./jdm-output/<output>)."),
     ("student", str, None, "Student UNet to freeze in --phase extend (file in models/unet or a path)."),
     ("cfg_teacher", str, None, "Guidance teacher B for decoupled CFG (JDM Sec. 3.1); default: the teacher."),
@@ -101,7 +101,7 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
     ("clip_outliers", float, None, "Clip a player's gradient norm at this multiple of the median of its last 100 "
                                    "norms (after 10 steps; 0 = off): clips outliers, not every step."),
     ("ema_decay", float, None, "Exponential moving average of the generator (student and ControlNet) with this "
-                               "decay; previews and exports use the average (0 = off, the last weights)."),
+                               "decay; validation grids and exports use the average (0 = off, the last weights)."),
     ("mixed_precision", str, MIXED_PRECISION, "Autocast precision (accelerate)."),
     ("gradient_checkpointing", "flag", None, "Recompute activations in the backward pass (less memory)."),
     ("cpu", "flag", None, "Train on the CPU even when an accelerator is present."),

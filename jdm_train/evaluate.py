@@ -361,9 +361,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image size of --data images, resized and center-cropped (default: 64 with the demo teacher, else 512)")
     p.add_argument("--n", type=int, default=256, help="number of held-out images / conditions (at most, with --data)")
     p.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps of the teacher's reference samples")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the teacher's reference samples")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale of the teacher's reference samples (default: 4 for the "
+                        "demo teacher, its own scale; 7.5 otherwise, SD1.5's usual)")
     p.add_argument("--timestep", type=int, default=None,
-                   help="student generator timestep (default: jdm.timestep metadata or 999)")
+                   help="the student's timestep t_g (default: jdm.timestep metadata or 999)")
     p.add_argument("--inception", type=Path,
                    help="FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or a .safetensors "
                         "with its keys): standard FID features, comparable with published FIDs")
@@ -409,6 +411,8 @@ def main(argv=None) -> int:
     if args.n < 2:
         raise ValueError(f"--n must be >= 2 for a covariance, got {args.n}")
     ckpt = model_io.resolve_checkpoint(args.ckpt)
+    if args.cfg is None:
+        args.cfg = 4.0 if args.ckpt == "demo" else 7.5
     feature_net = feature_net_from_args(args)
     eval_set = eval_set_from_args(args)
     samplers = Samplers(model_io.load_sd1_checkpoint(ckpt))

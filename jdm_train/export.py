@@ -1,5 +1,5 @@
 """What a training run hands to its users: where its outputs go, the ComfyUI exports of the
-trained student, ControlNet and student LoRA, and the preview grids.
+trained student, ControlNet and student LoRA, and image grids of columns side by side.
 
 No accelerate here: `train.py` decides which process writes and when the others wait.
 `python -m jdm_train.export CHECKPOINT_DIR` writes the exports of any training checkpoint, so a
@@ -82,7 +82,7 @@ def clean_export_leftovers(config: TrainConfig, output_dir: Path) -> list[Path]:
     return model_io.recover_export_set(export_paths(config, output_dir).values())
 
 
-def write_preview_grid(path: Path, columns: list[Tensor]) -> Path:
+def write_column_grid(path: Path, columns: list[Tensor]) -> Path:
     """PNG with the columns side by side, one row per sample; each column (n, 3, H, W) in [0, 1].
     Written atomically (`files.save_image_grid`), so a viewer never sees half an image."""
     rows = torch.stack([col.float().cpu() for col in columns], dim=1)  # (n, k, 3, H, W)
@@ -115,7 +115,9 @@ def export_checkpoint(checkpoint: Path, output_dir: Path | None = None, save_pre
     params = generator_params(models.roles.groups)
     if (checkpoint / "ema.safetensors").is_file():
         load_average(params, checkpoint / "ema.safetensors")
-    out = Path(output_dir) if output_dir is not None else default_output_dir(config)
+    if output_dir is not None:  # export_paths would otherwise choose the ComfyUI folders of --comfyui-root
+        config.output_dir = str(output_dir)
+    out = default_output_dir(config)
     return write_exports(config, models.roles, models.teacher_name, out)
 
 

@@ -7,7 +7,7 @@
   `x = noise * sqrt(1 + sigma^2)` at sigma_max and the UNet sees `x / sqrt(1 + sigma^2)`,
   i.e. the unit-variance noise at timestep 999: both forms evaluate the student once on `z`.
 
-`ddim_reference` is the teacher's multi-step counterpart that previews and evaluations put
+`ddim_reference` is the teacher's multi-step counterpart that validation grids and evaluations put
 beside the student's one-step samples.
 """
 

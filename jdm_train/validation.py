@@ -71,10 +71,10 @@ def validation_columns(models, schedule, config: TrainConfig, vset: ValidationSe
 
 
 def write_validation(path: Path, columns: list[Tensor], tracker=None, step: int = 0) -> Path:
-    """The grid as a PNG (`export.write_preview_grid`) and, given a tensorboard tracker, as its image log."""
-    from jdm_train.export import write_preview_grid
+    """The grid as a PNG (`export.write_column_grid`) and, given a tensorboard tracker, as its image log."""
+    from jdm_train.export import write_column_grid
 
-    write_preview_grid(path, columns)
+    write_column_grid(path, columns)
     if tracker is not None:
         import numpy as np
         from PIL import Image

@@ -62,10 +62,10 @@ class ControlProbe:
         self.reference = self.features.features(trainer.codec.decode(latents).cpu())
 
     def write_grid(self, path: str, rows: int = 8) -> None:
-        from jdm_train.export import write_preview_grid
+        from jdm_train.export import write_column_grid
 
         columns = [self.eval_set.control[:rows]] + [self.images[m][:rows] for m in ("own", "blank", "shuffled")]
-        write_preview_grid(Path(path), columns)
+        write_column_grid(Path(path), columns)
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:

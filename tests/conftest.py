@@ -1,4 +1,5 @@
 import os
+import stat
 import sys
 
 import numpy as np
@@ -50,3 +51,30 @@ def world(tmp_path_factory):
         Image.fromarray(a).save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(f"a box number {i}")
     return {"ckpt": ckpt, "data": data, "base": base}
+
+
+@pytest.fixture
+def isolated_annotator_search(monkeypatch, tmp_path):
+    """Only the annotator folders a test creates may be found (no ComfyUI, no controlnet_aux)."""
+    from jdm_train.extractors import clear_cache
+
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("AUX_ANNOTATOR_CKPTS_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    clear_cache()
+    yield
+    clear_cache()
+
+
+@pytest.fixture
+def file_mode():
+    """`file_mode(path)`: a file's permission bits."""
+    return lambda path: stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask inside a test (`umask(0o077)`); the old one is restored after."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)

@@ -17,22 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jdm_train.extractors import MissingWeightsError, clear_cache, get_extractor, load_depth
+from jdm_train.extractors import MissingWeightsError, get_extractor, load_depth
 from jdm_train.extractors.depth import DEPTH_MODEL, MIDAS_FILES, midas_hybrid_config, midas_to_transformers
 from jdm_train.extractors.weights import list_annotators, resolve_node_annotator
 
 MIDAS = MIDAS_FILES[0]
 
 
-@pytest.fixture(autouse=True)
-def isolated_search(monkeypatch, tmp_path):
-    # Only the folders a test creates may be found.
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.delenv("AUX_ANNOTATOR_CKPTS_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_annotator_search")
 
 
 def hybrid_config(hidden, layers, heads, mlp, grid, stem, widths, depths, neck, fusion):

@@ -10,21 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from jdm_train.extractors import HEDNetwork, MissingWeightsError, clear_cache, get_extractor
+from jdm_train.extractors import HEDNetwork, MissingWeightsError, get_extractor
 from jdm_train.extractors.depth import model_input_size
 
 TINY_HED = ((4, 2), (6, 2), (8, 3), (8, 3), (8, 3))
 
 
-@pytest.fixture(autouse=True)
-def isolated_search(monkeypatch, tmp_path):
-    # Only the folders a test creates may be found.
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.delenv("AUX_ANNOTATOR_CKPTS_PATH", raising=False)
-    monkeypatch.chdir(tmp_path)
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_annotator_search")
 
 
 def random_hed_state_dict(blocks=TINY_HED, seed=0):

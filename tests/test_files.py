@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 
 import numpy as np
 import pytest
@@ -13,15 +12,6 @@ from PIL import Image
 from jdm_train.files import atomic_write, save_image_grid
 
 
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-@pytest.fixture
-def umask():
-    old = os.umask(0o022)
-    yield lambda mask: os.umask(mask)
-    os.umask(old)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -48,7 +38,7 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
-def test_the_file_gets_the_umask_mode_of_a_plain_open_even_if_the_writer_changed_it(tmp_path, umask, mask):
+def test_the_file_gets_the_umask_mode_of_a_plain_open_even_if_the_writer_changed_it(tmp_path, umask, mask, file_mode):
     umask(mask)
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
@@ -56,7 +46,7 @@ def test_the_file_gets_the_umask_mode_of_a_plain_open_even_if_the_writer_changed
     with atomic_write(out) as tmp:
         tmp.write_bytes(b"x")
         os.chmod(tmp, 0o600)  # what safetensors does to its files
-    assert _mode(out) == _mode(plain) == 0o666 & ~mask
+    assert file_mode(out) == file_mode(plain) == 0o666 & ~mask
 
 
 def test_image_grid_places_images_row_by_row_with_gaps_and_scale(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import stat
 from types import SimpleNamespace
 
 import pytest
@@ -15,28 +14,19 @@ from jdm_train import export, fixtures, model_io
 from jdm_train.config import TrainConfig
 
 
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-@pytest.fixture
-def umask():
-    old = os.umask(0o022)
-    yield lambda mask: os.umask(mask)
-    os.umask(old)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
-def test_exports_get_the_umask_mode_of_a_plain_open(tmp_path, umask, mask):
+def test_exports_get_the_umask_mode_of_a_plain_open(tmp_path, umask, mask, file_mode):
     umask(mask)
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     p = model_io.save_state_dict(tmp_path / "w.safetensors", {"a": torch.zeros(2)}, {})
-    assert _mode(p) == _mode(plain) == 0o666 & ~mask
+    assert file_mode(p) == file_mode(plain) == 0o666 & ~mask
     with model_io.ExportSet({"student": tmp_path / "s.safetensors", "controlnet": tmp_path / "c.safetensors"}) as ex:
         ex.write("student", {"a": torch.zeros(2)}, {})
         ex.write("controlnet", {"b": torch.zeros(2)}, {})
-    assert {_mode(p) for p in ex.paths.values()} == {0o666 & ~mask}
+    assert {file_mode(p) for p in ex.paths.values()} == {0o666 & ~mask}
 
 
 def _fail_on_call(monkeypatch, n: int, exc: BaseException):

@@ -171,15 +171,18 @@ def condition_gradient(
 
 def cfg_direction(
     x_t: Tensor, t: Tensor, guidance_denoise: Denoiser, cond: Any, uncond: Any, scale: float, schedule: NoiseSchedule,
-    x0_cond: Tensor | None = None,
+    x0_cond: Tensor | None = None, x0_uncond: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Decoupled CFG as a condition term in score space (JDM Sec. 3.1, docs/method.md §6):
     `alpha_t (w - 1) (x0_B(x_t, c) - x0_B(x_t, empty)) / sigma_t^2`, B being the guidance teacher.
-    `x0_cond`: `x0_B(x_t, c)` when already computed (B is the real score, as in DMD's CFG)."""
+    `x0_cond`, `x0_uncond`: `x0_B(x_t, c)` and `x0_B(x_t, empty)` when already computed (B is the
+    real score, as in DMD's CFG)."""
     with torch.no_grad():
         if x0_cond is None:
             x0_cond = guidance_denoise(x_t, t, cond)
-        term = cfg_term(x0_cond, guidance_denoise(x_t, t, uncond), scale)
+        if x0_uncond is None:
+            x0_uncond = guidance_denoise(x_t, t, uncond)
+        term = cfg_term(x0_cond, x0_uncond, scale)
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     return alpha * term / sigma**2, _logs(cfg_x0_norm=_mean_abs(term))
 
@@ -297,6 +300,7 @@ def generator_direction(
     fidelity_weight: float = 1.0, condition_weight: float = 1.0, reward_weight: float = 1.0, condition_t_max: int = 999,
     condition_weighting: str = "eq5", condition_mask: Tensor | None = None,
     exact_condition: Callable[[Tensor, Tensor], Tensor] | None = None,
+    real_and_unguided: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The summed JDM direction g on the student output x (B, ...) of one generator step (JDM Eq. 5 / 9 / 10
     with f-distill weighting; docs/method.md §2-8), detached. x_t = alpha_t sg(x) + sigma_t eps at t (B,).
@@ -306,13 +310,19 @@ def generator_direction(
     `condition_mask` (none when `log_likelihood` is None: implicit VSD); `cfg_direction` from `guidance_denoise`
     (none at `cfg_scale` 1); `reward_term`. The `*_weight`s multiply them (1: Eq. 5's scale). `exact_condition`
     `(x_t, t) -> (B,)`: log p(c|x_t) in closed form (the analytic world, `toy.py`), replacing the estimate.
+    `real_and_unguided` `(x_t, t) -> (x0_real, x0 at the negative prompt)`: both real-score passes of DMD's
+    CFG at once (the trainer batches them: one UNet call of batch 2B costs about one of B at small sizes).
     """
     _check_terms(divergence, discriminator, fake_denoise, log_likelihood, reward, consistency_denoise, cfg_scale,
                  guidance_denoise, condition_weighting)
     x_t = schedule.add_noise(x.detach(), eps, t)
     logs: dict[str, Tensor] = {}
+    x0_unguided = None
     with torch.no_grad():
-        x0_real = real_denoise(x_t, t, cond)
+        if real_and_unguided is not None:
+            x0_real, x0_unguided = real_and_unguided(x_t, t)
+        else:
+            x0_real = real_denoise(x_t, t, cond)
     # Score-space terms at x_t, mapped to x by term_scale (Eq. 5), and terms given as directions on x already.
     score, on_x = torch.zeros_like(x_t), torch.zeros_like(x_t)
     if fake_denoise is not None and fidelity_weight != 0.0:
@@ -330,7 +340,8 @@ def generator_direction(
     if cfg_scale != 1.0:
         # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
         x0_cond = x0_real if guidance_denoise is real_denoise and guidance_cond is cond else None
-        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule, x0_cond)
+        g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule, x0_cond,
+                                     x0_unguided if x0_cond is not None else None)
         score = score + g_cfg
         logs.update(glogs)
     if reward is not None and reward_weight != 0.0:

@@ -196,7 +196,20 @@ class Players:
             guided, unguided = self.guidance_conds(batch)
             terms.update(guidance_denoise=models.guidance, guidance_cond=guided, guidance_uncond=unguided,
                          cfg_scale=cfg.cfg_scale)
+            if models.guidance is self.roles.teacher:
+                terms["real_and_unguided"] = self._real_and_unguided(batch["cond"], unguided)
         return terms
+
+    def _real_and_unguided(self, cond: Cond, unguided: Cond) -> Callable:
+        """The real score at the caption and at the negative prompt in one pass of batch 2B (the
+        real score has no ControlNet: the control is not part of its input)."""
+        text = torch.cat([cond.text, unguided.text])
+
+        def both(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            x0 = self.roles.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond(text))
+            return x0[: len(x_t)], x0[len(x_t):]
+
+        return both
 
     def guidance_conds(self, batch: dict) -> tuple[Cond, Cond]:
         """The guidance teacher's conditional and negative-prompt conditions (decoupled CFG)."""

@@ -39,3 +39,30 @@ def test_shape_mismatch_is_a_value_error():
     a, b, _, _ = _x0s()
     with pytest.raises(ValueError, match="x0_b_pos"):
         decoupled_cfg(a, b, b[:, :2], 2.0)
+
+
+def test_the_trainers_batched_real_score_passes_give_the_unbatched_direction():
+    """DMD's CFG with the real score as guidance teacher: the trainer's one pass of batch 2B
+    (`Players._real_and_unguided`) gives the direction of the two separate passes."""
+    from jdm_train import fixtures, losses
+    from jdm_train.denoisers import Cond, UNetDenoiser
+    from jdm_train.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    real = UNetDenoiser(fixtures.make_unet(cross_attention_dim=16).eval(), schedule)
+    fake = UNetDenoiser(fixtures.make_unet(cross_attention_dim=16, seed=1).eval(), schedule)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 800])
+    cond, neg = Cond(torch.randn(2, 7, 16, generator=g)), Cond(torch.randn(2, 7, 16, generator=g))
+
+    def both(x_t, t):
+        x0 = real(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond(torch.cat([cond.text, neg.text])))
+        return x0[:2], x0[2:]
+
+    common = dict(guidance_denoise=real, guidance_cond=cond, guidance_uncond=neg, cfg_scale=4.0)
+    separate, _ = losses.generator_direction(x, t, eps, schedule, real, fake, cond, **common)
+    batched, _ = losses.generator_direction(x, t, eps, schedule, real, fake, cond, real_and_unguided=both, **common)
+    without_cfg, _ = losses.generator_direction(x, t, eps, schedule, real, fake, cond)
+    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(separate, without_cfg)  # the guidance term is really there

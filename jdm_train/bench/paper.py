@@ -113,25 +113,25 @@ def main(argv=None) -> int:
         student, controlnet, train_seconds = train_row(name, ROWS[name], args)
         trained[name] = (student, controlnet)
         if name == TEACHER_CONTROLNET:
-            gen = samplers.teacher(args.teacher_steps, args.cfg, controlnet=model_io.load_controlnet(controlnet))
+            sampler = samplers.teacher(args.teacher_steps, args.cfg, controlnet=model_io.load_controlnet(controlnet))
             nfe = args.teacher_steps
         else:
-            gen = samplers.student(model_io.load_unet(student), model_io.load_controlnet(controlnet))
+            sampler = samplers.student(model_io.load_unet(student), model_io.load_controlnet(controlnet))
             nfe = 1
-        imgs, sec = evaluate.run_sampler(gen, eval_set, noise)
+        imgs, sec = evaluate.run_sampler(sampler, eval_set, noise)
         rows[name] = {**evaluate.score(imgs, eval_set, ref_features, feature_net, nfe, sec), "train_seconds": train_seconds}
         save_row_grid(args.out / f"grid_{_slug(name)}.png", eval_set.control, imgs)
         if TEACHER_CONTROLNET in trained and "implicit VSD" in trained and DI_CONTROLNET not in rows:
             # DI: a one-step student distilled without a control signal (the implicit-VSD run's UNet),
             # given the ControlNet trained by denoising on the teacher.
-            gen = samplers.student(model_io.load_unet(trained["implicit VSD"][0]),
+            sampler = samplers.student(model_io.load_unet(trained["implicit VSD"][0]),
                                    model_io.load_controlnet(trained[TEACHER_CONTROLNET][1]))
-            imgs, sec = evaluate.run_sampler(gen, eval_set, noise)
+            imgs, sec = evaluate.run_sampler(sampler, eval_set, noise)
             rows[DI_CONTROLNET] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
             save_row_grid(args.out / f"grid_{_slug(DI_CONTROLNET)}.png", eval_set.control, imgs)
         if name == "JDM (reverse KL)":
             for mode, label in (("blank", "control blanked"), ("shuffled", "another image's control")):
-                imgs, sec = evaluate.run_sampler(gen, eval_set, noise, control_mode=mode)
+                imgs, sec = evaluate.run_sampler(sampler, eval_set, noise, control_mode=mode)
                 rows[f"JDM (reverse KL), {label}"] = evaluate.score(imgs, eval_set, ref_features, feature_net, 1, sec)
         print(evaluate.format_table(rows), flush=True)
 

@@ -175,6 +175,20 @@ def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     assert Image.open(grid).size == (4 * 64, 4 * 64)  # control | own | blank | shuffled, 4 samples
 
 
+def test_consistency_only_updates_move_the_consistency_lora_alone(tmp_path):
+    """`bench control --consistency-steps`: Eq. 8 alone, everything else frozen."""
+    from jdm_train import cli
+    from jdm_train.bench.control import train_consistency_only
+    from jdm_train.train import Trainer
+
+    trainer = Trainer(cli.parse_args(["--ckpt", "demo", "--output-dir", str(tmp_path)]))
+    before = {k: v.clone() for k, v in trainer.roles.trainable_state().items()}
+    train_consistency_only(trainer, 2)
+    after = trainer.roles.trainable_state()
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} == {"consistency"}
+    assert trainer.step == 2  # fresh random streams for every update
+
+
 def test_teacher_sampler_with_a_controlnet_sees_the_control(tmp_path):
     """A fresh ControlNet (zero convolutions) leaves the teacher's DDIM samples unchanged; a trained
     one changes them, and differently for different controls."""

@@ -30,6 +30,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     p.add_argument("--n", type=int, default=64, help="held-out conditions scored")
     p.add_argument("--grid", default=None, help="PNG written at each evaluation: control | own | blank | shuffled, 8 rows")
+    p.add_argument("--consistency-steps", type=int, default=0,
+                   help="after training, this many more updates of the consistency LoRA alone (student and fake "
+                        "score frozen), then the consistency-model table again: does f keep moving off the mean?")
     return p.parse_known_args(argv)
 
 
@@ -120,6 +123,25 @@ class ControlProbe:
         return rows
 
 
+def train_consistency_only(trainer, steps: int) -> None:
+    """`steps` updates of Eq. 8 alone on the frozen student's samples, as the trainer's fake phase
+    makes them (same sampler, target EMA, optimiser and random streams)."""
+    from jdm_train.players import Phase, Term
+
+    params = trainer.roles.groups["consistency"]
+    phase = Phase("consistency", [Term("consistency", trainer.players.consistency, params)], ["fake"],
+                  [(trainer.players.consistency_ema, params)])
+    for _ in range(steps):
+        trainer._accumulate(phase, [trainer.load_batch(0)], 0, {})
+        trainer._apply("fake")
+        trainer.players.consistency_ema.step(params)
+        trainer.step += 1
+
+
+def _print_consistency_table(probe) -> None:
+    print(_format([(r.pop("t"), 0.0, r) for r in probe.consistency_model_table()]).replace("| step | s |", "| t | - |"))
+
+
 def main(argv=None) -> int:
     from jdm_train import cli
     from jdm_train.train import Trainer
@@ -147,7 +169,11 @@ def main(argv=None) -> int:
     print("share of updates clipped: " + ", ".join(f"{k[len('clipped_share_'):]} {v:.3f}" for k, v in clipped.items()))
     print("\nconsistency model f vs the fake score's mean, on the student's own samples (FID vs data; F1 vs the clean"
           " sample's canny):")
-    print(_format([(r.pop("t"), 0.0, r) for r in probe.consistency_model_table()]).replace("| step | s |", "| t | - |"))
+    _print_consistency_table(probe)
+    if args.consistency_steps:
+        train_consistency_only(trainer, args.consistency_steps)
+        print(f"\nthe same after {args.consistency_steps} more updates of the consistency LoRA alone:")
+        _print_consistency_table(probe)
     return 0
 
 

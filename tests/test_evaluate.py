@@ -116,6 +116,8 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert set(rows) == {"teacher (2-step DDIM, no control)", "data (held-out images)", "student (1 step, control)",
                          "student (1 step, blank control)", "student (1 step, shuffled control)"}
     assert rows["data (held-out images)"]["consistency"] == 0.0
+    assert rows["data (held-out images)"]["edge_f1"] == pytest.approx(1.0)  # canny of the images is the control
+    assert 0.0 <= rows["student (1 step, blank control)"]["edge_f1"] < 1.0
     for r in rows.values():
         assert np.isfinite(r["fid"]) and r["fid"] >= 0.0
         assert set(r["caption_agreement"]) == {"background", "colours", "all"}
@@ -141,7 +143,7 @@ def test_run_sampler_control_modes():
 
 
 def test_edge_f1_tolerates_one_pixel():
-    from jdm_train.bench.control import edge_f1
+    from jdm_train.evaluate import edge_f1
 
     c = torch.zeros(1, 1, 16, 16)
     c[..., 8, 2:14] = 1

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from jdm_train.evaluate import edge_f1
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -34,14 +35,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="after training, this many more updates of the consistency LoRA alone (student and fake "
                         "score frozen), then the consistency-model table again: does f keep moving off the mean?")
     return p.parse_known_args(argv)
-
-
-def edge_f1(edges: Tensor, cond: Tensor) -> float:
-    """F1 of two binary edge maps (B, C, H, W) with a 1-pixel tolerance (3x3 dilation of the other map)."""
-    dilate = lambda m: F.max_pool2d(m, 3, 1, 1)  # noqa: E731
-    precision = (edges * dilate(cond)).sum() / edges.sum().clamp_min(1)
-    recall = (cond * dilate(edges)).sum() / cond.sum().clamp_min(1)
-    return float(2 * precision * recall / (precision + recall).clamp_min(1e-8))
 
 
 class ControlProbe:

@@ -313,7 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write the single-file SD1.x checkpoint (fp16)")
     p.add_argument("--work", type=Path, default=Path("jdm_teacher_work"), help="cache directory for stages and logs")
     p.add_argument("--n-train", type=int, default=20000, help="number of distinct training images")
-    p.add_argument("--vae-steps", type=int, default=4000, help="VAE optimisation steps")
+    p.add_argument("--vae-steps", type=int, default=12000,
+                   help="VAE optimisation steps (4000 gave reconstructions whose shapes the judge names 37%% of the time, "
+                        "12000: 82%%)")
     p.add_argument("--vae-batch", type=int, default=8, help="VAE batch size (32x32 crops)")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--vae-fg-weight", type=float, default=4.0,

@@ -8,7 +8,6 @@ gradient goes to. Only the loop (`train.py`) calls backward, averages, clips and
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +18,7 @@ from jdm_train import losses, optim
 from jdm_train.build import Models
 from jdm_train.config import TrainConfig
 from jdm_train.denoisers import Cond, UNetDenoiser, averaged
+from jdm_train.randomness import keyed_generator
 from jdm_train.sampling import generate_one_step
 from jdm_train.schedule import NoiseSchedule
 
@@ -26,17 +26,14 @@ Loss = Callable[[dict, int], "tuple[Tensor, dict]"]
 
 
 class RandomStreams:
-    """Every random draw of a run from its own torch.Generator, a pure function of (seed, step,
-    micro-batch, repeat, process, purpose), so a resumed run repeats an uninterrupted one. The
-    key is a hash of the whole tuple: no two draws can share a stream."""
+    """Every random draw of a run from its own torch.Generator (`randomness.keyed_generator`), a pure
+    function of (seed, step, micro-batch, repeat, process, purpose)."""
 
     def __init__(self, seed: int, process: int, device: torch.device):
         self.seed, self.process, self.device = seed, process, device
 
     def generator(self, step: int, purpose: str, micro: int = 0, repeat: int = 0) -> torch.Generator:
-        key = repr((self.seed, step, micro, repeat, self.process, purpose)).encode()
-        value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(value)
+        return keyed_generator((self.seed, step, micro, repeat, self.process, purpose), self.device)
 
     def randn(self, shape, step: int, purpose: str, micro: int = 0, repeat: int = 0) -> Tensor:
         return torch.randn(shape, generator=self.generator(step, purpose, micro, repeat), device=self.device)

@@ -11,7 +11,6 @@ there, so an interrupted synthesis resumes where it stopped. Item i's noise is a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +18,7 @@ import torch
 
 from jdm_train.denoisers import Cond
 from jdm_train.files import atomic_write, save_image_grid
+from jdm_train.randomness import keyed_generator
 from jdm_train.sampling import ddim_reference
 
 
@@ -48,9 +48,7 @@ def missing(prompts: list[str], folder: Path) -> list[int]:
 
 
 def item_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
-    key = hashlib.blake2b(repr(("synthesis", seed, index)).encode(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
-    return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=keyed_generator(("synthesis", seed, index)))
 
 
 @torch.no_grad()

@@ -25,16 +25,13 @@ class ValidationSet:
 
 
 def load_control_image(path: str | Path, resolution: int) -> Tensor:
-    """(3, H, W) in [0, 1]: a control image resized (bilinear) to the run's resolution."""
-    import numpy as np
-    from PIL import Image
+    """(3, R, R) in [0, 1]: a control image sized as training images are (`data.load_image`)."""
+    from jdm_train.data import load_image
 
     try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BILINEAR), dtype=np.float32)
+        return load_image(Path(path), resolution)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--validation-image {path}: not a readable image ({exc})") from None
-    return torch.from_numpy(array / 255.0).permute(2, 0, 1)
 
 
 def validation_set(config: TrainConfig, dataset, extractor, count: int = 4) -> ValidationSet:

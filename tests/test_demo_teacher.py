@@ -156,3 +156,15 @@ def test_random_captions_are_parsed_by_the_feature_module():
         assert bg in data.BACKGROUNDS and 1 <= len(objs) <= 2
     with pytest.raises(ValueError, match="caption"):
         feats.parse_caption("a photo of a cat")
+
+
+def test_unet_cycles_restart_the_learning_rate_and_continue_a_finished_run():
+    """`--unet-steps 5000 10000` repeats a 5000-step run's schedule exactly for its first 5000 steps
+    (so a longer run continues a finished one), then warms up and decays again over 10000."""
+    lr = train_teacher._cycle_lr
+    assert [lr(s, [5000, 10000], 1e-3) for s in range(0, 5000, 97)] == \
+        [train_teacher._lr(s, 5000, 1e-3) for s in range(0, 5000, 97)]
+    assert lr(5000, [5000, 10000], 1e-3) == pytest.approx(1e-3 / 100)  # warm-up restarts
+    assert lr(5100, [5000, 10000], 1e-3) == pytest.approx(1e-3 * 1.02)  # the peak (plus the 2% floor)
+    assert lr(14999, [5000, 10000], 1e-3) == pytest.approx(1e-3 * 0.02, rel=1e-3)
+    assert train_teacher.parse_args(["--unet-steps", "7"]).unet_steps == [7]

@@ -124,6 +124,16 @@ def _lr(step: int, steps: int, base: float, warmup: int = 100) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) + base * 0.02
 
 
+def _cycle_lr(step: int, cycles: list[int], base: float) -> float:
+    """`_lr` restarted at the start of every cycle (SGDR's warm restarts): a longer run can continue
+    a finished one exactly, since the first cycle's steps are the finished run's."""
+    for length in cycles:
+        if step < length:
+            return _lr(step, length, base)
+        step -= length
+    return base * 0.02
+
+
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
@@ -233,9 +243,10 @@ def _ema_update(ema, model, decay: float) -> None:
 
 
 def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Tensor, lat_std: Tensor,
-               steps: int, batch: int, lr: float, seed: int, log, p_uncond: float = 0.1, state: dict | None = None,
+               cycles: list[int], batch: int, lr: float, seed: int, log, p_uncond: float = 0.1, state: dict | None = None,
                checkpoint=None):
-    """Denoising score matching `|| eps_theta(x_t, t, text) - eps ||^2` (SD's objective), t ~ U{0..999}.
+    """Denoising score matching `|| eps_theta(x_t, t, text) - eps ||^2` (SD's objective), t ~ U{0..999},
+    for `sum(cycles)` steps of cosine learning-rate cycles.
 
     Returns EMA copies (decay 0.999) of the UNet and text encoder, which sample better than
     the raw weights after a short run.
@@ -257,9 +268,10 @@ def train_unet(unet, text_encoder, ids: Tensor, empty_ids: Tensor, lat_mean: Ten
     unet.train()
     text_encoder.train()
     t0 = time.time()
+    steps = sum(cycles)
     for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
+            g["lr"] = _cycle_lr(step, cycles, lr)
         idx = torch.randint(0, ids.shape[0], (batch,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         tok = ids[idx].clone()
@@ -322,7 +334,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra weight of shape pixels over background pixels in the VAE's pixel loss")
     p.add_argument("--vae-grad-weight", type=float, default=0.0,
                    help="weight of an L1 on image gradients (edges) in the VAE's loss (at 2 it slowed learning colours)")
-    p.add_argument("--unet-steps", type=int, default=5000, help="UNet + text-encoder optimisation steps")
+    p.add_argument("--unet-steps", type=int, nargs="+", default=[5000, 10000],
+                   help="UNet + text-encoder optimisation steps, as one or more cosine cycles with warm restarts "
+                        "(5000 steps drew the captions' shape colours 58%% of the time and kinds 48%%)")
     p.add_argument("--unet-batch", type=int, default=32, help="UNet batch size")
     p.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text-encoder peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")

@@ -170,11 +170,28 @@ def test_bench_control_runs_and_scores_three_controls(tmp_path, capsys):
     assert table[-2].startswith("| 0 |") and table[-1].startswith("| 1 |")
     assert "generator" in rest.splitlines()[0] and "fake" in rest.splitlines()[0]
     cm = rest.strip().splitlines()[-6:]  # the consistency model against the fake score's mean
-    assert cm[0] == "| t | - | FID f | F1 f | FID mean | F1 mean |"
+    assert cm[0] == ("| t | - | FID f | FID mean | FID f-mean | FID 95% lo | FID 95% hi "
+                     "| F1 f | F1 mean | F1 f-mean | F1 95% lo | F1 95% hi |")
     assert [row.split("|")[1].strip() for row in cm[2:]] == ["100", "300", "500", "700"]
     from PIL import Image
 
     assert Image.open(grid).size == (4 * 64, 4 * 64)  # control | own | blank | shuffled, 4 samples
+
+
+def test_paired_bootstrap_interval_matches_the_normal_one_for_a_mean():
+    """Independent reference: for a difference of means the bootstrap interval is close to
+    +-1.96 sd / sqrt(n); the same resample on both sides cancels what the pairs share."""
+    from jdm_train.bench.control import paired_bootstrap
+
+    gen = torch.Generator().manual_seed(0)
+    shared = 10 * torch.randn(400, generator=gen, dtype=torch.float64)  # large, common to both sides
+    a = shared + 0.3 + torch.randn(400, generator=gen, dtype=torch.float64)
+    b = shared
+    diff, lo, hi = paired_bootstrap(lambda i: float(a[i].mean() - b[i].mean()), 400, boots=2000)
+    half = 1.96 * float((a - b).std()) / 400 ** 0.5
+    assert diff == pytest.approx(float((a - b).mean()))
+    assert lo == pytest.approx(diff - half, abs=0.25 * half) and hi == pytest.approx(diff + half, abs=0.25 * half)
+    assert lo > 0  # a true difference of 0.3 is resolved by 400 pairs despite the shared sd of 10
 
 
 def test_consistency_only_updates_move_the_consistency_lora_alone(tmp_path):

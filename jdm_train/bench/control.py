@@ -87,11 +87,14 @@ class ControlProbe:
         return out
 
     @torch.no_grad()
-    def consistency_model_table(self, timesteps=(100, 300, 500, 700)) -> list[dict[str, float]]:
+    def consistency_model_table(self, timesteps=(100, 300, 500, 700), boots: int = 200) -> list[dict[str, float]]:
         """The consistency model f (Eq. 8) against the fake score's posterior mean, on the student's own
         samples x noised to x_t: realism of the decoded x0 (FID against the held-out data images) at every
         t, and edge F1 of its canny map against the clean sample's own, where x_t still holds x's shapes.
-        A mean minimises the distance to x by construction, so that distance is not the test."""
+        A mean minimises the distance to x by construction, so that distance is not the test.
+
+        Each difference f - mean comes with a paired bootstrap 95% interval (both decoded from the same
+        x_t, resampled together): a difference whose interval holds 0 is not one these samples resolve."""
         from jdm_train import evaluate
         from jdm_train.denoisers import Cond
         from jdm_train.sampling import generate_one_step
@@ -101,19 +104,35 @@ class ControlProbe:
         with tr.ema_weights():
             x = generate_one_step(tr.roles.student, self.noise.to(tr.device), tr.config.generator_timestep, cond)
         clean_edges = self.extractor.extract(tr.codec.decode(x).cpu())
-        data = self.features.features(self.eval_set.images)
+        data_stats = evaluate.feature_stats(self.features.features(self.eval_set.images))
+        fid = lambda feats: evaluate.frechet_distance(*evaluate.feature_stats(feats), *data_stats)  # noqa: E731
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
         rows = []
         for step in timesteps:
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
             x_t = tr.schedule.add_noise(x, eps, t)
-            row = {"t": step}
+            feats, edges = {}, {}
             for name, model in (("f", tr.roles.consistency), ("mean", tr.roles.fake)):
                 image = tr.codec.decode(model(x_t, t, Cond(self.text))).cpu()
-                row[f"FID {name}"] = evaluate.fid(self.features.features(image), data)
-                row[f"F1 {name}"] = edge_f1(self.extractor.extract(image), clean_edges)
+                feats[name], edges[name] = self.features.features(image), self.extractor.extract(image)
+            row = {"t": step}
+            for metric, stat in (("FID", lambda n, i: fid(feats[n][i])),
+                                 ("F1", lambda n, i: edge_f1(edges[n][i], clean_edges[i]))):
+                diff, lo, hi = paired_bootstrap(lambda i: stat("f", i) - stat("mean", i), x.shape[0], boots)
+                all_ = torch.arange(x.shape[0])
+                row.update({f"{metric} f": stat("f", all_), f"{metric} mean": stat("mean", all_),
+                            f"{metric} f-mean": diff, f"{metric} 95% lo": lo, f"{metric} 95% hi": hi})
             rows.append(row)
         return rows
+
+
+def paired_bootstrap(statistic, n: int, boots: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """`statistic(indices)` on all n items, and the 2.5% / 97.5% percentiles of it over `boots`
+    resamples of the items with replacement (the same resample for both sides of a paired difference)."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.tensor([statistic(torch.randint(0, n, (n,), generator=gen)) for _ in range(boots)], dtype=torch.float64)
+    lo, hi = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return statistic(torch.arange(n)), lo, hi
 
 
 def train_consistency_only(trainer, steps: int) -> None:
@@ -145,8 +164,10 @@ def main(argv=None) -> int:
     if "--output-dir" not in train_argv:
         train_argv += ["--output-dir", "bench_control"]
     trainer = Trainer(cli.parse_args(train_argv))
+    if trainer.resume_from is not None:  # `--resume latest`: score (and continue) a finished or stopped run
+        trainer.resume(trainer.resume_from)
     probe = ControlProbe(trainer, args.n)
-    rows, t0 = [(0, 0.0, probe())], time.perf_counter()
+    rows, t0 = [(trainer.step, 0.0, probe())], time.perf_counter()
     print(_format(rows), flush=True)
     logs = {}
     while trainer.step < trainer.config.max_steps:

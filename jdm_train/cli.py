@@ -12,6 +12,7 @@ import sys
 from jdm_train.config import (
     COND_DECODERS,
     CONDITION_WEIGHTINGS,
+    CONSISTENCY_PAIRS,
     CONTROLS,
     DIVERGENCES,
     MIXED_PRECISION,
@@ -79,6 +80,10 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                                       "f(x, 0) = x) to 999, Karras rho=7 spacing (CT/iCT)."),
     ("consistency_ema", float, None, "EMA decay of the consistency LoRA that gives the stop-gradient target "
                                      "f^- of Eq. 8 (0 = the online weights, detached)."),
+    ("consistency_pairs", str, CONSISTENCY_PAIRS, "How the lower point of a consistency pair is made: noise = from "
+                                                  "the same sample and noise (consistency training, Eq. 8 as written); "
+                                                  "ode = one DDIM step of the fake score (consistency distillation on "
+                                                  "the student's own ODE; one more fake-score pass)."),
     ("fake_updates_per_step", int, None, "Fake-score/consistency/discriminator updates per generator update."),
     ("student_lora_rank", int, None, "Rank of the student's LoRA on the frozen base (0 = full student weights)."),
     ("fake_lora_rank", int, None, "Rank of the fake score's LoRA on the frozen base (0 = full weights)."),

@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 COND_DECODERS = ("vae", "taesd")
 CONDITION_WEIGHTINGS = ("eq5", "snr", "x0")  # as losses.CONDITION_WEIGHTINGS
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+CONSISTENCY_PAIRS = ("noise", "ode")  # as losses.consistency_loss: training (same eps) or the fake score's ODE
 #: Keys of earlier versions, read as their new names (configs and checkpoints stay loadable).
 RENAMED_KEYS = {"preview_every": "validation_every", "preview_teacher_steps": "validation_teacher_steps"}
 #: The keys that define the objective. They have one default for every model: `--ckpt demo`
@@ -32,7 +33,7 @@ RENAMED_KEYS = {"preview_every": "validation_every", "preview_teacher_steps": "v
 #: an SD1.5 user runs.
 OBJECTIVE_KEYS = ("objective", "divergence", "fidelity_weight", "condition_weight", "condition_tau",
                   "condition_t_max", "condition_weighting", "control_dropout", "reward_weight", "gan_weight",
-                  "consistency_weight", "consistency_points", "consistency_ema", "t_min", "t_max",
+                  "consistency_weight", "consistency_points", "consistency_ema", "consistency_pairs", "t_min", "t_max",
                   "generator_timestep", "max_grad_norm", "clip_outliers")
 
 
@@ -79,6 +80,7 @@ class TrainConfig:
     consistency_weight: float = 1.0
     consistency_points: int = 10
     consistency_ema: float = 0.95
+    consistency_pairs: str = "noise"
     fake_updates_per_step: int = 1
     # --data prompts.txt: the teacher draws the training images
     synthesis_steps: int = 25
@@ -130,7 +132,8 @@ class TrainConfig:
     def _check_choices_and_counts(self) -> None:
         for name, choices in (("control", CONTROLS), ("objective", OBJECTIVES), ("divergence", DIVERGENCES),
                               ("phase", PHASES), ("mixed_precision", MIXED_PRECISION), ("cond_decoder", COND_DECODERS),
-                              ("condition_weighting", CONDITION_WEIGHTINGS), ("save_precision", SAVE_PRECISIONS)):
+                              ("condition_weighting", CONDITION_WEIGHTINGS), ("save_precision", SAVE_PRECISIONS),
+                              ("consistency_pairs", CONSISTENCY_PAIRS)):
             if getattr(self, name) not in choices:
                 _bad(name, getattr(self, name), "one of " + ", ".join(choices))
         if not self.ckpt:

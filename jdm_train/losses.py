@@ -409,10 +409,17 @@ def consistency_loss(
     t_prev: Tensor,
     schedule: NoiseSchedule,
     cond: Any = None,
+    ode_denoise: Denoiser | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Consistency training of the LoRA (JDM Eq. 8; Song et al. 2023, Alg. 3):
-    `|| f(x_{t_k}, t_k) - sg f^-(x_{t_{k-1}}, t_{k-1}) ||^2`, both points from the same sg(x) (B, ...) and
-    eps, `t = t_k > t_prev = t_{k-1}` (B,). Mean over elements.
+    """The consistency LoRA's loss (JDM Eq. 8): `|| f(x_{t_k}, t_k) - sg f^-(x_{t_{k-1}}, t_{k-1}) ||^2`,
+    `x_{t_k}` from sg(x) (B, ...) and eps, `t = t_k > t_prev = t_{k-1}` (B,). Mean over elements.
+
+    `x_{t_{k-1}}` is, by default, made from the same sg(x) and eps (consistency training, Song et al.
+    2023, Alg. 3, as Eq. 8 is written). With `ode_denoise` (ours, `--consistency-pairs ode`) it is one
+    DDIM step from `x_{t_k}` on that denoiser's probability-flow ODE (consistency distillation, Alg. 2,
+    with the fake score as the ODE): the same-eps pair averages x over a coarse step, so at a coarse
+    discretisation consistency training's minimiser is close to the posterior mean; the ODE pair is
+    deterministic, and its minimiser is the N-step DDIM sample of the fake score.
 
     `target_denoise` is f^-, the stop-gradient target: an EMA of the consistency LoRA, not the online
     network. At `t_prev == 0` the target is the boundary condition `f(x_{t_0}, t_0) = x_{t_0} / alpha_0`
@@ -422,12 +429,17 @@ def consistency_loss(
     if not bool((t > t_prev).all()):
         raise ValueError("consistency_loss needs t > t_prev for every sample (t_k > t_{k-1}, Eq. 8)")
     x = x.detach()
+    x_t = schedule.add_noise(x, eps, t)
     with torch.no_grad():
-        x_prev = schedule.add_noise(x, eps, t_prev)
+        if ode_denoise is None:
+            x_prev = schedule.add_noise(x, eps, t_prev)
+        else:
+            x0 = ode_denoise(x_t, t, cond)
+            x_prev = schedule.add_noise(x0, schedule.eps_from_x0(x_t, x0, t), t_prev)
         alpha0, _ = schedule.alpha_sigma(t_prev, x)
         boundary = _per_sample(t_prev == 0, x)
         target = torch.where(boundary, x_prev / alpha0, target_denoise(x_prev, t_prev, cond))
-    pred = consistency_denoise(schedule.add_noise(x, eps, t), t, cond)
+    pred = consistency_denoise(x_t, t, cond)
     loss = F.mse_loss(_upcast(pred), _upcast(target))
     return loss, _logs(consistency_loss=loss, consistency_boundary_share=boundary.float())
 

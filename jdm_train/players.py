@@ -79,6 +79,8 @@ class Players:
             # f^- of Eq. 8: an average of the consistency LoRA, so the target is not the online network.
             self.consistency_ema = EMAModel(self.roles.groups["consistency"], decay=config.consistency_ema, foreach=True)
             self.consistency_timesteps = losses.consistency_timesteps(config.consistency_points, schedule).to(self.device)
+        # `--consistency-pairs ode`: the lower point of a pair is a DDIM step on the fake score's ODE.
+        self.consistency_ode = self.roles.fake if config.consistency_pairs == "ode" else None
 
     def batch(self, items: list[dict], step: int, micro: int) -> dict:
         """A micro-batch of dataset items on the device, with conditions extracted from the images
@@ -234,7 +236,7 @@ class Players:
         eps = self.randn(batch, x.shape, "cons_eps", repeat)
         with self.autocast():
             return losses.consistency_loss(self.roles.consistency, self.consistency_target, x, eps, t_k, t_prev,
-                                           self.schedule, batch["cond"])
+                                           self.schedule, batch["cond"], ode_denoise=self.consistency_ode)
 
     @torch.no_grad()
     def consistency_target(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:

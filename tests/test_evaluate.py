@@ -194,13 +194,16 @@ def test_paired_bootstrap_interval_matches_the_normal_one_for_a_mean():
     assert lo > 0  # a true difference of 0.3 is resolved by 400 pairs despite the shared sd of 10
 
 
-def test_consistency_only_updates_move_the_consistency_lora_alone(tmp_path):
-    """`bench control --consistency-steps`: Eq. 8 alone, everything else frozen."""
+@pytest.mark.parametrize("pairs", ["noise", "ode"])
+def test_consistency_only_updates_move_the_consistency_lora_alone(tmp_path, pairs):
+    """`bench control --consistency-steps`: Eq. 8 alone, everything else frozen (also with ODE pairs,
+    whose extra pass is the fake score's, without its LoRA)."""
     from jdm_train import cli
     from jdm_train.bench.control import train_consistency_only
     from jdm_train.train import Trainer
 
-    trainer = Trainer(cli.parse_args(["--ckpt", "demo", "--output-dir", str(tmp_path)]))
+    trainer = Trainer(cli.parse_args(["--ckpt", "demo", "--output-dir", str(tmp_path), "--consistency-pairs", pairs]))
+    assert trainer.players.consistency_ode is (trainer.roles.fake if pairs == "ode" else None)
     before = {k: v.clone() for k, v in trainer.roles.trainable_state().items()}
     train_consistency_only(trainer, 2)
     after = trainer.roles.trainable_state()

@@ -352,6 +352,30 @@ def test_consistency_loss_reaches_the_boundary_and_its_target_is_not_the_online_
     torch.testing.assert_close(logs["consistency_boundary_share"], torch.tensor(0.5))
 
 
+def test_consistency_ode_pairs_take_one_ddim_step_of_the_given_denoiser():
+    """`--consistency-pairs ode`: the lower point is the DDIM step of the exact denoiser of N(0, s^2 I)
+    data, whose coefficient is written out here: x_prev = (a' a s^2 + o' o) / (a^2 s^2 + o^2) x_t. The
+    default pair is made from the same x and eps instead."""
+    x, eps, _ = _batch(15)
+    t, t_prev = torch.tensor([999, 700, 500, 300, 100, 41]), torch.tensor([815, 523, 327, 146, 41, 7])
+    s2 = 0.25
+    seen = {}
+
+    def target(v, tt, c):
+        seen["x_prev"] = v.clone()
+        return v
+
+    zero = lambda v, tt, c: torch.zeros_like(v)  # noqa: E731
+    losses.consistency_loss(zero, target, x, eps, t, t_prev, S, ode_denoise=gaussian_denoiser(torch.zeros(1), s2**0.5))
+    a, o = (v.double().reshape(-1, 1, 1, 1) for v in (S.alphas_cumprod[t].sqrt(), (1 - S.alphas_cumprod[t]).sqrt()))
+    a1, o1 = (v.double().reshape(-1, 1, 1, 1) for v in (S.alphas_cumprod[t_prev].sqrt(),
+                                                           (1 - S.alphas_cumprod[t_prev]).sqrt()))
+    x_t = a * x + o * eps
+    torch.testing.assert_close(seen["x_prev"], (a1 * a * s2 + o1 * o) / (a**2 * s2 + o**2) * x_t)
+    losses.consistency_loss(zero, target, x, eps, t, t_prev, S)
+    torch.testing.assert_close(seen["x_prev"], a1 * x + o1 * eps)
+
+
 def test_consistency_discretisation_runs_from_the_boundary_to_999_in_karras_spacing():
     ts = losses.consistency_timesteps(40, S)
     assert ts[0].item() == 0 and ts[-1].item() == 999

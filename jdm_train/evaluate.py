@@ -335,8 +335,13 @@ def score(images: Tensor, eval_set: EvalSet, reference_features: Tensor, feature
     if clip is not None:
         out["clip_score"] = clip.mean().item()
     if isinstance(feature_net, DemoFeatures):
+        from jdm_train.demo import judge
+
         agree = feature_net.agreement(images, eval_set.captions)
         out["caption_agreement"] = {k: agree[k] for k in ("background", "colours", "all")}
+        judged = judge.caption_scores(images.float().cpu(), eval_set.captions)
+        out["judge"] = {k: judged[k] for k in ("background", "colours", "kinds")}
+        out["background_bits"] = judge.background_entropy(images.float().cpu())
     return out
 
 
@@ -345,7 +350,8 @@ def format_table(rows: dict[str, dict]) -> str:
     cols = [("FID", "fid", "{:.2f}"), ("consistency (L1)", "consistency", "{:.4f}"), ("edge F1", "edge_f1", "{:.3f}"),
             ("NFE", "nfe", "{}"),
             ("s / image", "seconds_per_image", "{:.3f}")]
-    extra = [("CLIP score", "clip_score", "{:.2f}"), ("caption agreement bg / colours / all", "caption_agreement", "")]
+    extra = [("CLIP score", "clip_score", "{:.2f}"), ("caption agreement bg / colours / all", "caption_agreement", ""),
+             ("judge: bg / colours / kinds right", "judge", ""), ("backgrounds used (bits)", "background_bits", "{:.2f}")]
     cols += [c for c in extra if any(c[1] in r for r in rows.values())]
     lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
 

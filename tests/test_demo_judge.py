@@ -58,3 +58,13 @@ def test_a_blob_is_no_kind_and_a_wrong_kind_or_colour_is_caught():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="caption"):
         judge.caption_scores(torch.zeros(2, 3, 64, 64), ["a red circle on a grey background"])
+
+
+def test_background_entropy_counts_the_backgrounds_used(heldout):
+    images, _ = heldout
+    black = images[:1] * 0 + 20 / 255  # the world's black
+    white = images[:1] * 0 + 240 / 255
+    # 3 black, 1 white: -(3/4 log2 3/4 + 1/4 log2 1/4) = 0.811 bits, written out
+    assert judge.background_entropy(torch.cat([black, black, black, white])) == pytest.approx(0.8113, abs=1e-4)
+    assert judge.background_entropy(torch.cat([white] * 5)) == 0.0
+    assert judge.background_entropy(images) > 1.9  # the data: 4 backgrounds, about uniform

@@ -123,6 +123,8 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
         assert set(r["caption_agreement"]) == {"background", "colours", "all"}
         assert all(0.0 <= v <= 1.0 for v in r["caption_agreement"].values())
     assert rows["data (held-out images)"]["caption_agreement"]["background"] > 0.8
+    assert rows["data (held-out images)"]["judge"] == {"background": 1.0, "colours": 1.0, "kinds": 1.0}
+    assert all(0.0 <= r["background_bits"] <= 2.0 for r in rows.values())
     assert rows["student (1 step, control)"]["nfe"] == 1
     assert rows["teacher (2-step DDIM, no control)"]["fid"] == pytest.approx(0.0, abs=1e-6)
 

@@ -160,6 +160,15 @@ def caption_scores(images: Tensor, captions: list[str]) -> dict[str, float]:
             "kinds_per_object": obj_ok / max(1, n_obj), "all": all_ok / n}
 
 
+def background_entropy(images: Tensor) -> float:
+    """Entropy in bits of the backgrounds read from images (B, 3, H, W): how many of the world's
+    backgrounds a set of images uses, whatever their captions (a generator that draws every image on
+    white scores 0; the data, 4 backgrounds drawn uniformly, about 2)."""
+    counts = torch.tensor([float(sum(read_background(im) == name for im in images)) for name in BACKGROUND_NAMES])
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
 @torch.no_grad()
 def vae_reconstructions(vae, images: Tensor, chunk: int = 64) -> Tensor:
     """An AutoencoderKL's reconstructions (posterior mean) of images (B, 3, H, W) in [0, 1]."""

@@ -52,10 +52,10 @@ def test_teacher_samples_follow_their_captions(samplers, feature_net):
     own = feats.caption_agreement(feature_net, images, captions)
     shuffled = captions[1:] + captions[:1]
     other = feats.caption_agreement(feature_net, images, shuffled)
-    # Measured at commit time: background 0.96 own vs 0.29 shuffled, colours 0.08 vs 0.04.
-    assert own["background"] >= 0.75
-    assert own["background"] > other["background"] + 0.3
-    assert own["colours"] >= other["colours"]
+    # Measured at commit time: background 1.00 own vs 0.25 shuffled, colours 0.92 vs 0.04.
+    assert own["background"] >= 0.9
+    assert own["background"] > other["background"] + 0.5
+    assert own["colours"] >= 0.7 and own["colours"] > other["colours"] + 0.5
 
 
 def test_vae_reconstructs_the_world(samplers):
@@ -66,7 +66,7 @@ def test_vae_reconstructs_the_world(samplers):
     assert lat.shape == (8, 4, 8, 8)
     assert 0.5 < lat.std().item() < 2.0  # unit-ish variance under SD's 0.18215 (folded in by the script)
     rec = samplers.codec.decode(lat)
-    assert (rec - images).abs().mean().item() < 0.05
+    assert (rec - images).abs().mean().item() < 0.03  # 0.0157 on 128 held-out images (the script's log)
 
 
 def test_train_teacher_script_runs_and_writes_a_loadable_checkpoint(tmp_path):

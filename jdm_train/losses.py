@@ -434,8 +434,7 @@ def consistency_loss(
         if ode_denoise is None:
             x_prev = schedule.add_noise(x, eps, t_prev)
         else:
-            x0 = ode_denoise(x_t, t, cond)
-            x_prev = schedule.add_noise(x0, schedule.eps_from_x0(x_t, x0, t), t_prev)
+            x_prev = schedule.ddim_step(x_t, ode_denoise(x_t, t, cond), t, t_prev)
         alpha0, _ = schedule.alpha_sigma(t_prev, x)
         boundary = _per_sample(t_prev == 0, x)
         target = torch.where(boundary, x_prev / alpha0, target_denoise(x_prev, t_prev, cond))

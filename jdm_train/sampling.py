@@ -60,7 +60,5 @@ def ddim_reference(denoise: Denoiser, noise: Tensor, cond: Any, uncond: Any, ste
             x0 = cfg_combine(x0, denoise(x, t, uncond), scale)
         if i + 1 == len(ts):
             return x0
-        eps = schedule.eps_from_x0(x, x0, t)
-        alpha, sigma = schedule.alpha_sigma(ts[i + 1].repeat(noise.shape[0]), x)
-        x = alpha * x0 + sigma * eps
+        x = schedule.ddim_step(x, x0, t, ts[i + 1].repeat(noise.shape[0]))
     return x

@@ -50,6 +50,11 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma
 
+    def ddim_step(self, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+        """Deterministic DDIM (eta = 0; Song et al. 2021, Eq. 12) from x_t at t to t_next, given the
+        x0-prediction at (x_t, t): the probability-flow ODE's first-order step."""
+        return self.add_noise(x0, self.eps_from_x0(x_t, x0, t), t_next)
+
     def sigma_ve(self, t: Tensor) -> Tensor:
         """ComfyUI / k-diffusion sigma of timestep t: sqrt((1 - abar) / abar)."""
         abar = self.alphas_cumprod.to(t.device)[t.long()]

@@ -84,6 +84,12 @@ _FLAGS: list[tuple[str, object, tuple | None, str]] = [
                                                   "the same sample and noise (consistency training, Eq. 8 as written); "
                                                   "ode = one DDIM step of the fake score (consistency distillation on "
                                                   "the student's own ODE; one more fake-score pass)."),
+    ("regression_weight", float, None, "Weight of the regression term (ours, as DMD's regression loss): the "
+                                       "one-step student from a pair's noise against the teacher's DDIM sample "
+                                       "from it (--synthesis-steps, --cfg-scale), given that sample's control "
+                                       "(0 = off). Anchors shapes and colours while distribution matching sharpens."),
+    ("regression_pairs", int, None, "Number of (noise, teacher DDIM sample) pairs the teacher draws before "
+                                    "training for --regression-weight (cached in <output-dir>/ode_pairs.safetensors)."),
     ("fake_updates_per_step", int, None, "Fake-score/consistency/discriminator updates per generator update."),
     ("student_lora_rank", int, None, "Rank of the student's LoRA on the frozen base (0 = full student weights)."),
     ("fake_lora_rank", int, None, "Rank of the fake score's LoRA on the frozen base (0 = full weights)."),

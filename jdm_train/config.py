@@ -34,7 +34,7 @@ RENAMED_KEYS = {"preview_every": "validation_every", "preview_teacher_steps": "v
 OBJECTIVE_KEYS = ("objective", "divergence", "fidelity_weight", "condition_weight", "condition_tau",
                   "condition_t_max", "condition_weighting", "control_dropout", "reward_weight", "gan_weight",
                   "consistency_weight", "consistency_points", "consistency_ema", "consistency_pairs", "t_min", "t_max",
-                  "generator_timestep", "max_grad_norm", "clip_outliers")
+                  "generator_timestep", "max_grad_norm", "clip_outliers", "regression_weight")
 
 
 @dataclass
@@ -82,6 +82,8 @@ class TrainConfig:
     consistency_ema: float = 0.95
     consistency_pairs: str = "noise"
     fake_updates_per_step: int = 1
+    regression_weight: float = 0.0
+    regression_pairs: int = 512
     # --data prompts.txt: the teacher draws the training images
     synthesis_steps: int = 25
     synthesis_cfg: float = 7.5
@@ -140,7 +142,7 @@ class TrainConfig:
             _bad("ckpt", self.ckpt, "a checkpoint name or path (or 'demo')")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "resolution", "fake_updates_per_step",
                      "checkpoint_every", "log_every", "max_nonfinite", "validation_teacher_steps",
-                     "synthesis_steps"):
+                     "synthesis_steps", "regression_pairs"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("student_lora_rank", "fake_lora_rank", "validation_every", "export_every", "threads",
@@ -172,6 +174,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number")
         for name in ("fidelity_weight", "condition_weight", "reward_weight", "gan_weight", "consistency_weight",
+                     "regression_weight",
                      "weight_decay", "max_grad_norm", "clip_outliers"):
             if getattr(self, name) < 0:
                 _bad(name, getattr(self, name), "a number >= 0")

@@ -128,6 +128,9 @@ class CaptionedImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def caption(self, index: int) -> str:
+        return self.items[index % len(self.items)][1]
+
     def __getitem__(self, index: int) -> dict:
         # A file that passed verify() can still fail to decode (truncated data); fall back to the
         # next item deterministically so a run never dies on one bad file.

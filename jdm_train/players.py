@@ -72,6 +72,7 @@ class Players:
         self.schedule, self.streams, self.autocast = schedule, streams, autocast
         self.device = streams.device
         self._tapped: tuple[Tensor, Tensor] | None = None
+        self.pairs: dict | None = None  # the teacher's ODE pairs of the regression term (Trainer sets them)
         self.consistency_ema = None
         if config.objective == "jdm" and config.consistency_weight > 0:
             from diffusers.training_utils import EMAModel
@@ -94,12 +95,15 @@ class Players:
         if self.config.control_dropout > 0:
             # Dropped samples see a blank hint and get no condition term: the student learns the
             # teacher's distribution for a blank control instead of extrapolating to it.
-            gen = self.streams.generator(step, "control_dropout", micro)
-            kept = torch.rand(len(items), generator=gen, device=self.device) >= self.config.control_dropout
+            kept = self._kept(len(items), step, micro, "control_dropout")
             hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
             batch["condition_mask"] = kept
         batch["cond"] = Cond(self.codec.encode_text(captions), hint)
         return batch
+
+    def _kept(self, n: int, step: int, micro: int, purpose: str) -> Tensor:
+        gen = self.streams.generator(step, purpose, micro)
+        return torch.rand(n, generator=gen, device=self.device) >= self.config.control_dropout
 
     # ------------------------------------------------------------------ randomness and samples
 
@@ -169,6 +173,10 @@ class Players:
             fake = self._fake_with_features
         with self.autocast():
             loss, logs = losses.generator_loss(x, t, eps, self.schedule, roles.teacher, fake, cond, **terms)
+            if cfg.regression_weight > 0:
+                reg, rlogs = self.regression(batch)
+                loss = loss + cfg.regression_weight * reg
+                logs.update(rlogs)
             if cfg.gan_weight > 0:
                 # Non-saturating generator GAN term on the same noised student sample (f-distill).
                 logits = self._discriminator_logits(self.schedule.add_noise(x, eps, t), t, cond)
@@ -176,6 +184,27 @@ class Players:
                 loss = loss + cfg.gan_weight * gan
                 logs["gan_loss"] = gan.detach()
         return loss, logs
+
+    def regression(self, batch: dict) -> tuple[Tensor, dict]:
+        """The regression term (ours, as DMD's): `|| G(z, text, c) - x_ode ||^2` on a micro-batch of the
+        teacher's ODE pairs (`synthesis.ode_pairs`), c extracted from the teacher's sample (blank where
+        control dropout drops it, and always for implicit VSD, which has no condition signal)."""
+        if self.pairs is None:
+            raise RuntimeError("--regression-weight needs the teacher's ODE pairs (Trainer draws them)")
+        n, step, micro = len(batch["captions"]), batch["step"], batch["micro"]
+        gen = self.streams.generator(step, "pairs", micro)
+        index = torch.randint(len(self.pairs["captions"]), (n,), generator=gen, device=self.device).cpu()
+        z, target = self.pairs["noise"][index].to(self.device), self.pairs["latents"][index].to(self.device)
+        with torch.no_grad():
+            control = self.models.extractor.extract(self.codec.decode(target))
+        kept = self._kept(n, step, micro, "pairs_dropout")
+        if self.config.objective != "jdm":
+            kept = torch.zeros_like(kept)
+        hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
+        cond = Cond(self.codec.encode_text([self.pairs["captions"][i] for i in index.tolist()]), hint)
+        x = generate_one_step(self.roles.student, z, self.config.generator_timestep, cond).float()
+        loss = torch.nn.functional.mse_loss(x, target)
+        return loss, {"regression_loss": loss.detach()}
 
     def _generator_terms(self, batch: dict) -> dict:
         """The keyword arguments of `losses.generator_direction` for this batch."""

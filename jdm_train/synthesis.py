@@ -93,3 +93,56 @@ def draw_training_set(config, models, schedule, folder: Path, share: tuple[int, 
         logging.getLogger("jdm_train").info("process %d: the teacher drew %d training images into %s", share[0],
                                             len(drawn), folder)
     return folder
+
+
+# --------------------------------------------------------------------------- the teacher's ODE pairs
+
+PAIRS_FILE = "ode_pairs.safetensors"
+
+
+def pair_key(config, captions: list[str]) -> dict[str, str]:
+    """What a cached pair file must have been drawn with to be reused (the file's metadata)."""
+    import json
+
+    return {"format": "jdm_ode_pairs", "steps": str(config.synthesis_steps), "cfg": str(config.cfg_scale),
+            "negative": config.negative_prompt, "seed": str(config.seed), "resolution": str(config.resolution),
+            "captions": json.dumps(captions)}
+
+
+@torch.no_grad()
+def ode_pairs(config, models, schedule, captions: list[str], folder: Path,
+              autocast: Callable = contextlib.nullcontext, batch: int = 64, show: bool = True) -> dict:
+    """The regression term's pairs (ours, as DMD's regression loss): for each caption a noise z and the
+    teacher's deterministic DDIM sample from it (`--synthesis-steps`, guidance `--cfg-scale`, the real
+    score's own), as latents. Written to `folder/ode_pairs.safetensors` with what they were drawn with,
+    and reused when that matches, so a resumed run does not draw them again.
+
+    The ODE is a fixed map from noise to image: a one-step student can be regressed onto it without the
+    blur of regressing onto data (the DSM baseline), which anchors its shapes and colours to the
+    teacher's from the first steps, while distribution matching does the rest."""
+    from tqdm.auto import tqdm
+
+    from jdm_train import model_io
+
+    path, key = folder / PAIRS_FILE, pair_key(config, captions)
+    if path.is_file():
+        tensors, meta = model_io.read_state_dict(path)
+        if meta == key:
+            return {"noise": tensors["noise"], "latents": tensors["latents"], "captions": captions}
+    codec, teacher = models.codec, models.roles.teacher
+    shape = codec.latent_shape(1, config.resolution)[1:]
+    noise = torch.stack([torch.randn(shape, generator=keyed_generator(("ode_pairs", config.seed, i)))
+                         for i in range(len(captions))])
+    latents = []
+    for start in tqdm(range(0, len(captions), batch), desc="teacher draws the regression pairs", disable=not show):
+        chunk = captions[start:start + batch]
+        cond = Cond(codec.encode_text(chunk))
+        uncond = Cond(codec.encode_text([config.negative_prompt] * len(chunk)))
+        with autocast():
+            x = ddim_reference(teacher, noise[start:start + batch].to(codec.device), cond, uncond,
+                               config.synthesis_steps, config.cfg_scale, schedule)
+        latents.append(x.float().cpu())
+    pairs = {"noise": noise.contiguous(), "latents": torch.cat(latents).contiguous()}
+    folder.mkdir(parents=True, exist_ok=True)
+    model_io.save_state_dict(path, pairs, key)
+    return {**pairs, "captions": captions}

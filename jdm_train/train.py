@@ -64,6 +64,8 @@ class Trainer:
         self.order = BatchOrder(len(self.dataset), config.batch_size, config.seed, acc.process_index, acc.num_processes)
         self.streams = RandomStreams(config.seed, acc.process_index, self.device)
         self.players = Players(config, self.models, self.schedule, self.streams, acc.autocast)
+        if config.regression_weight > 0 and config.objective in ("jdm", "vsd"):
+            self.players.pairs = self._draw_pairs()
         optimizers = optim.build_optimizers(config, self.roles.groups)
         self.learning_rates = optim.base_rates(optimizers)
         prepared = acc.prepare(*optimizers.values())
@@ -90,6 +92,19 @@ class Trainer:
                                    (acc.process_index, acc.num_processes), acc.autocast, acc.is_main_process)
         acc.wait_for_everyone()
         return CaptionedImageFolder(folder, self.config.resolution)
+
+    def _draw_pairs(self) -> dict:
+        """`--regression-weight`: the teacher's ODE pairs for captions spread over the training set,
+        drawn by the main process (cached in the output folder) and read by the others."""
+        from jdm_train.synthesis import ode_pairs
+
+        acc, n, size = self.accelerator, self.config.regression_pairs, len(self.dataset)
+        captions = [_caption(self.dataset, k * size // n if n <= size else k % size) for k in range(n)]
+        pairs = None
+        if acc.is_main_process:
+            pairs = ode_pairs(self.config, self.models, self.schedule, captions, self.output_dir, acc.autocast)
+        acc.wait_for_everyone()
+        return pairs or ode_pairs(self.config, self.models, self.schedule, captions, self.output_dir, acc.autocast)
 
     @property
     def step(self) -> int:
@@ -293,6 +308,11 @@ class Trainer:
     def _stop_everywhere(self) -> bool:
         flag = torch.tensor([1.0 if self.signals.requested else 0.0], device=self.device)
         return float(self.accelerator.reduce(flag, reduction="sum")) > 0
+
+
+def _caption(dataset, index: int) -> str:
+    # Datasets that can name a caption without loading the image do (CaptionedImageFolder, the demo's).
+    return dataset.caption(index) if hasattr(dataset, "caption") else dataset[index]["caption"]
 
 
 def _accelerator(config: TrainConfig, output_dir: Path):

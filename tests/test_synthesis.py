@@ -64,3 +64,35 @@ def test_an_empty_prompt_list_is_refused_before_any_model_loads(tmp_path, caplog
     status = cli.main(["--ckpt", "demo", "--data", str(_prompts(tmp_path, [])), "--output-dir", str(tmp_path / "o")])
     assert status == 2
     assert "no prompts" in caplog.text and "expected one caption per line" in caplog.text
+
+
+def test_ode_pairs_are_the_teachers_ddim_samples_cached_and_redrawn_when_settings_change(tmp_path, monkeypatch):
+    from jdm_train.denoisers import Cond
+    from jdm_train.sampling import ddim_reference
+    from jdm_train.synthesis import ode_pairs
+
+    config = cli.parse_args(["--ckpt", "demo", "--output-dir", str(tmp_path), "--synthesis-steps", "3"])
+    schedule = NoiseSchedule()
+    models = build_models(config, torch.device("cpu"), torch.float32, schedule)
+    captions = [demo_data.caption(demo_data.HELDOUT_START + i) for i in range(5)]
+    pairs = ode_pairs(config, models, schedule, captions, tmp_path, batch=2, show=False)
+    assert pairs["noise"].shape == pairs["latents"].shape == (5, 4, 8, 8)
+    # Item 3 alone, by the sampler itself, with the run's guidance (the real score's, --cfg-scale).
+    codec = models.codec
+    alone = ddim_reference(models.roles.teacher, pairs["noise"][3:4], Cond(codec.encode_text(captions[3:4])),
+                           Cond(codec.encode_text([""])), 3, config.cfg_scale, schedule)
+    torch.testing.assert_close(pairs["latents"][3:4], alone, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(pairs["latents"][0], pairs["latents"][1])  # each item its own noise
+
+    teacher = models.roles.teacher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached pair file was drawn again")
+
+    monkeypatch.setattr(models.roles, "teacher", refuse)
+    again = ode_pairs(config, models, schedule, captions, tmp_path, batch=4, show=False)
+    assert torch.equal(again["latents"], pairs["latents"]) and torch.equal(again["noise"], pairs["noise"])
+    monkeypatch.setattr(models.roles, "teacher", teacher)
+    config.cfg_scale = 2.0  # another guidance: other pairs, drawn again
+    other = ode_pairs(config, models, schedule, captions, tmp_path, batch=4, show=False)
+    assert torch.equal(other["noise"], pairs["noise"]) and not torch.allclose(other["latents"], pairs["latents"])

@@ -165,6 +165,9 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def caption(self, i: int) -> str:
+        return caption(self.start + i % self.length)
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(i)

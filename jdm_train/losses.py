@@ -324,10 +324,12 @@ def generator_direction(
         else:
             x0_real = real_denoise(x_t, t, cond)
     # Score-space terms at x_t, mapped to x by term_scale (Eq. 5), and terms given as directions on x already.
+    parts: dict[str, Tensor] = {}
     score, on_x = torch.zeros_like(x_t), torch.zeros_like(x_t)
     if fake_denoise is not None and fidelity_weight != 0.0:
         fid, flogs = fidelity_term(x_t, t, x0_real, schedule, fake_denoise, cond, discriminator, divergence)
-        score = score + fidelity_weight * fid
+        parts["fidelity"] = fidelity_weight * fid
+        score = score + parts["fidelity"]
         logs.update(flogs)
     if exact_condition is not None:
         consistency_denoise, decode, log_likelihood = _identity, None, lambda v: exact_condition(v, t)
@@ -336,6 +338,7 @@ def generator_direction(
                                     t_max=condition_t_max, weighting=condition_weighting, mask=condition_mask)
         if g_c is not None:
             on_x, score = (on_x + g_c, score) if condition_weighting == "x0" else (on_x, score + g_c)
+            parts["condition"] = g_c
         logs.update(clogs)
     if cfg_scale != 1.0:
         # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
@@ -343,13 +346,19 @@ def generator_direction(
         g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule, x0_cond,
                                      x0_unguided if x0_cond is not None else None)
         score = score + g_cfg
+        parts["cfg"] = g_cfg
         logs.update(glogs)
     if reward is not None and reward_weight != 0.0:
         g_r, rlogs = reward_term(x_t, t, consistency_denoise, reward, cond, decode)
-        score = score + reward_weight * g_r
+        parts["reward"] = reward_weight * g_r
+        score = score + parts["reward"]
         logs.update(rlogs)
-    g = term_scale(x, x0_real, t, schedule, weighting) * score + on_x
-    logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1)))
+    scale = term_scale(x, x0_real, t, schedule, weighting)
+    g = scale * score + on_x
+    # Each term's size on x per element: their balance is what decides whether control or fidelity wins.
+    logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1),
+                      **{f"{name}_on_x": _mean_abs(v if name == "condition" and condition_weighting == "x0" else scale * v)
+                         for name, v in parts.items()}))
     return g.detach(), logs
 
 

@@ -214,12 +214,15 @@ def test_terms_add_up_in_score_space_with_one_scale():
     reward = lambda img: img.flatten(1).sum(1)  # noqa: E731
     kw = dict(consistency_denoise=f, log_likelihood=log_lik, guidance_denoise=guide, guidance_cond="pos",
               guidance_uncond="neg", cfg_scale=3.0, reward=reward, condition_weight=0.5, reward_weight=2.0)
-    g, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="none", **kw)
+    g, logs = losses.generator_direction(x, t, eps, S, real, fake, weighting="none", **kw)
     s_fid = alpha * (real(x_t, t) - fake(x_t, t)) / sigma**2
     g_c = 0.9 * (-2 * (0.9 * x_t - 1.0))  # d/dx_t of -(0.9 x_t - 1)^2
     s_cfg = alpha * 2.0 * (guide(x_t, t, "pos") - guide(x_t, t, "neg")) / sigma**2
     g_r = torch.full_like(x, 0.9)
     torch.testing.assert_close(g, alpha * (s_fid + 0.5 * g_c + s_cfg + 2.0 * g_r))
+    # The logged size of each term on x (mean |.| per element): the balance of control and fidelity.
+    for name, term in (("fidelity", s_fid), ("condition", 0.5 * g_c), ("cfg", s_cfg), ("reward", 2.0 * g_r)):
+        torch.testing.assert_close(logs[f"{name}_on_x"], (alpha * term).abs().flatten(1).mean(1).mean().float())
     # Same relative scale under DMD normalisation: only one per-sample factor changes.
     g_dmd, _ = losses.generator_direction(x, t, eps, S, real, fake, weighting="dmd", **kw)
     norm = (x - real(x_t, t)).abs().flatten(1).mean(1).reshape(-1, 1, 1, 1)

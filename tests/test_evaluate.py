@@ -300,3 +300,18 @@ def test_evaluate_does_not_import_the_demo_teacher_script():
     code = "import sys, jdm_train.evaluate; print('jdm_train.demo.train_teacher' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     assert "train_teacher" not in Path(evaluate.__file__).read_text(encoding="utf-8")
+
+
+def test_bench_paper_trains_the_controlnet_row_for_its_own_steps_and_writes_the_table(tmp_path):
+    import json
+
+    from jdm_train.bench import paper
+
+    row = paper.TEACHER_CONTROLNET
+    assert paper.main(["--rows", row, "--steps", "1", "--controlnet-steps", "2", "--n", "2", "--teacher-steps", "2",
+                       "--batch-size", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["controlnet_steps"] == 2 and set(results["rows"]) == {"teacher, 2-step DDIM, no control", row}
+    assert (tmp_path / "runs" / paper._slug(row) / "checkpoint-2").is_dir()
+    assert 0 <= results["rows"][row]["edge_f1"] <= 1
+    assert (tmp_path / f"grid_{paper._slug(row)}.png").is_file() and row in (tmp_path / "table.md").read_text()

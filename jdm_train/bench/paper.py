@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     table = evaluate.format_table(rows)
     command = "python -m jdm_train.bench paper " + " ".join(argv if argv is not None else [])
     (args.out / "table.md").write_text(f"`{command.strip()}`\n\n{table}\n")
-    (args.out / "results.json").write_text(json.dumps({"command": command.strip(), "steps": args.steps, "controlnet_steps": args.controlnet_steps or args.steps, "n": args.n,
+    (args.out / "results.json").write_text(json.dumps({"command": command.strip(), "steps": args.steps,
+                                                       "controlnet_steps": args.controlnet_steps or args.steps, "n": args.n,
                                                        "control": args.control, "rows": rows}, indent=2) + "\n")
     print(table)
     print(f"wrote {args.out / 'table.md'}")

@@ -96,7 +96,7 @@ class Players:
             # Dropped samples see a blank hint and get no condition term: the student learns the
             # teacher's distribution for a blank control instead of extrapolating to it.
             kept = self._kept(len(items), step, micro, "control_dropout")
-            hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
+            hint = _blank_dropped(control, kept)
             batch["condition_mask"] = kept
         batch["cond"] = Cond(self.codec.encode_text(captions), hint)
         return batch
@@ -200,8 +200,8 @@ class Players:
         kept = self._kept(n, step, micro, "pairs_dropout")
         if self.config.objective != "jdm":
             kept = torch.zeros_like(kept)
-        hint = control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
-        cond = Cond(self.codec.encode_text([self.pairs["captions"][i] for i in index.tolist()]), hint)
+        cond = Cond(self.codec.encode_text([self.pairs["captions"][i] for i in index.tolist()]),
+                    _blank_dropped(control, kept))
         x = generate_one_step(self.roles.student, z, self.config.generator_timestep, cond).float()
         loss = torch.nn.functional.mse_loss(x, target)
         return loss, {"regression_loss": loss.detach()}
@@ -311,6 +311,10 @@ class Players:
             tap.enabled = False
         self._tapped = (x_t, tap.value)
         return x0
+
+
+def _blank_dropped(control: Tensor, kept: Tensor) -> Tensor:
+    return control * kept.reshape(-1, 1, 1, 1).to(control.dtype)
 
 
 def phases(players: Players, optimizers: dict, generator_ema=None) -> list[Phase]:

@@ -324,12 +324,13 @@ def generator_direction(
         else:
             x0_real = real_denoise(x_t, t, cond)
     # Score-space terms at x_t, mapped to x by term_scale (Eq. 5), and terms given as directions on x already.
-    parts: dict[str, Tensor] = {}
+    scale = term_scale(x, x0_real, t, schedule, weighting)
+    sizes: dict[str, Tensor] = {}  # each term's size on x per element: whether control or fidelity wins
     score, on_x = torch.zeros_like(x_t), torch.zeros_like(x_t)
     if fake_denoise is not None and fidelity_weight != 0.0:
         fid, flogs = fidelity_term(x_t, t, x0_real, schedule, fake_denoise, cond, discriminator, divergence)
-        parts["fidelity"] = fidelity_weight * fid
-        score = score + parts["fidelity"]
+        score = score + fidelity_weight * fid
+        sizes["fidelity_on_x"] = _mean_abs(scale * fidelity_weight * fid)
         logs.update(flogs)
     if exact_condition is not None:
         consistency_denoise, decode, log_likelihood = _identity, None, lambda v: exact_condition(v, t)
@@ -338,7 +339,7 @@ def generator_direction(
                                     t_max=condition_t_max, weighting=condition_weighting, mask=condition_mask)
         if g_c is not None:
             on_x, score = (on_x + g_c, score) if condition_weighting == "x0" else (on_x, score + g_c)
-            parts["condition"] = g_c
+            sizes["condition_on_x"] = _mean_abs(g_c if condition_weighting == "x0" else scale * g_c)
         logs.update(clogs)
     if cfg_scale != 1.0:
         # B = the real score with the same text (DMD's CFG): its conditional x0 is x0_real.
@@ -346,19 +347,15 @@ def generator_direction(
         g_cfg, glogs = cfg_direction(x_t, t, guidance_denoise, guidance_cond, guidance_uncond, cfg_scale, schedule, x0_cond,
                                      x0_unguided if x0_cond is not None else None)
         score = score + g_cfg
-        parts["cfg"] = g_cfg
+        sizes["cfg_on_x"] = _mean_abs(scale * g_cfg)
         logs.update(glogs)
     if reward is not None and reward_weight != 0.0:
         g_r, rlogs = reward_term(x_t, t, consistency_denoise, reward, cond, decode)
-        parts["reward"] = reward_weight * g_r
-        score = score + parts["reward"]
+        score = score + reward_weight * g_r
+        sizes["reward_on_x"] = _mean_abs(scale * reward_weight * g_r)
         logs.update(rlogs)
-    scale = term_scale(x, x0_real, t, schedule, weighting)
     g = scale * score + on_x
-    # Each term's size on x per element: their balance is what decides whether control or fidelity wins.
-    logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1),
-                      **{f"{name}_on_x": _mean_abs(v if name == "condition" and condition_weighting == "x0" else scale * v)
-                         for name, v in parts.items()}))
+    logs.update(_logs(direction_norm=g.flatten(1).norm(dim=1), **sizes))
     return g.detach(), logs
 
 

@@ -61,17 +61,14 @@ def synthesise(prompts: list[str], folder: Path, models, schedule, *, resolution
 
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing(prompts, folder)[share[0]::share[1]]
-    codec, teacher = models.codec, models.roles.teacher
-    device = codec.device
+    codec = models.codec
     for start in tqdm(range(0, len(todo), batch), desc="teacher draws the training set", disable=not show or not todo):
         chunk = todo[start:start + batch]
         captions = [prompts[i] for i in chunk]
         shape = codec.latent_shape(1, resolution)[1:]
-        noise = torch.stack([item_noise(shape, seed, i) for i in chunk]).to(device)
-        cond = Cond(codec.encode_text(captions))
-        uncond = Cond(codec.encode_text([negative] * len(chunk)))
-        with autocast():
-            latents = ddim_reference(teacher, noise, cond, uncond, steps, cfg, schedule).float()
+        noise = torch.stack([item_noise(shape, seed, i) for i in chunk])
+        latents = teacher_samples(models, schedule, noise, captions, steps=steps, cfg=cfg, negative=negative,
+                                  autocast=autocast)
         images = codec.decode(latents).cpu()
         for i, caption, image in zip(chunk, captions, images):
             (folder / f"{i:06d}.png").unlink(missing_ok=True)  # an edited prompt's old image must not count as done
@@ -79,6 +76,16 @@ def synthesise(prompts: list[str], folder: Path, models, schedule, *, resolution
                 tmp.write_text(caption, encoding="utf-8")
             save_image_grid(folder / f"{i:06d}.png", image[None], ncol=1)  # last: its presence marks the item done
     return todo
+
+
+def teacher_samples(models, schedule, noise: torch.Tensor, captions: list[str], *, steps: int, cfg: float,
+                    negative: str = "", autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """The teacher's deterministic DDIM samples (latents, float32, on the device) from `noise`, one per caption."""
+    codec = models.codec
+    cond = Cond(codec.encode_text(captions))
+    uncond = Cond(codec.encode_text([negative] * len(captions)))
+    with autocast():
+        return ddim_reference(models.roles.teacher, noise.to(codec.device), cond, uncond, steps, cfg, schedule).float()
 
 
 def draw_training_set(config, models, schedule, folder: Path, share: tuple[int, int] = (0, 1),
@@ -129,19 +136,14 @@ def ode_pairs(config, models, schedule, captions: list[str], folder: Path,
         tensors, meta = model_io.read_state_dict(path)
         if meta == key:
             return {"noise": tensors["noise"], "latents": tensors["latents"], "captions": captions}
-    codec, teacher = models.codec, models.roles.teacher
-    shape = codec.latent_shape(1, config.resolution)[1:]
+    shape = models.codec.latent_shape(1, config.resolution)[1:]
     noise = torch.stack([torch.randn(shape, generator=keyed_generator(("ode_pairs", config.seed, i)))
                          for i in range(len(captions))])
     latents = []
     for start in tqdm(range(0, len(captions), batch), desc="teacher draws the regression pairs", disable=not show):
-        chunk = captions[start:start + batch]
-        cond = Cond(codec.encode_text(chunk))
-        uncond = Cond(codec.encode_text([config.negative_prompt] * len(chunk)))
-        with autocast():
-            x = ddim_reference(teacher, noise[start:start + batch].to(codec.device), cond, uncond,
-                               config.synthesis_steps, config.cfg_scale, schedule)
-        latents.append(x.float().cpu())
+        latents.append(teacher_samples(models, schedule, noise[start:start + batch], captions[start:start + batch],
+                                       steps=config.synthesis_steps, cfg=config.cfg_scale,
+                                       negative=config.negative_prompt, autocast=autocast).cpu())
     pairs = {"noise": noise.contiguous(), "latents": torch.cat(latents).contiguous()}
     folder.mkdir(parents=True, exist_ok=True)
     model_io.save_state_dict(path, pairs, key)
